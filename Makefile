@@ -1,0 +1,44 @@
+# `make run`: the whole platform on this machine, zero configuration.
+# `make test`: the same set-up, any stopped local service started, then the whole suite.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+export PORT ?= 8000
+export PUBLIC_BASE_URL ?= http://127.0.0.1:$(PORT)
+export WORKER_CONCURRENCY ?= $(shell nproc)
+export GUNICORN_WORKERS ?= 4
+# Local development: callbacks may reach receivers on this machine.
+export CALLBACK_ALLOWED_NETWORKS ?= 127.0.0.0/8
+
+.PHONY: run test services db install install-dev
+
+$(BIN)/.installed: requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+$(BIN)/.installed-dev: requirements-dev.txt $(BIN)/.installed
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+install: $(BIN)/.installed
+install-dev: $(BIN)/.installed-dev
+
+services:
+	bash scripts/services.sh
+
+db: install
+	$(BIN)/python manage.py ensure_database
+	$(BIN)/python manage.py migrate --no-input -v 0
+	$(BIN)/python manage.py collectstatic --no-input -v 0
+
+run: db
+	mkdir -p run
+	exec $(BIN)/honcho start --port $(PORT)
+
+test: install-dev services
+	$(BIN)/python manage.py ensure_database
+	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,197 @@
+"""The platform's records: integrators, their images, the faces found, and callback attempts."""
+
+import base64
+import hashlib
+import secrets
+import uuid
+
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+def hash_api_key(api_key):
+    """API keys are 256-bit random tokens, so one SHA-256 is enough to store them safely."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+class Client(models.Model):
+    """An integrator. Its API key is stored hashed; its webhook secret signs callbacks."""
+
+    name = models.CharField(max_length=100, unique=True)
+    api_key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    webhook_secret = models.CharField(max_length=64, editable=False)
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    # DRF's IsAuthenticated asks the authenticated principal this.
+    is_authenticated = True
+
+    def __str__(self):
+        return self.name
+
+    @classmethod
+    def create_with_credentials(cls, name):
+        """Create a client; returns (client, api_key). The key is never retrievable again."""
+        api_key = "fd_" + secrets.token_urlsafe(32)
+        webhook_secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+        client = cls.objects.create(name=name, api_key_hash=hash_api_key(api_key), webhook_secret=webhook_secret)
+        return client, api_key
+
+    @property
+    def webhook_key(self):
+        """The HMAC key: the base64-decoded part of the secret after `whsec_`."""
+        return base64.b64decode(self.webhook_secret.removeprefix("whsec_"))
+
+
+class Image(models.Model):
+    """One submitted photo and its journey through the pipeline.
+
+    Status transitions, each made by a compare-and-set update:
+      queued -> processing       a worker claims it (detect_faces)
+      processing -> done         the annotated image is stored (draw_annotation)
+      queued|processing -> failed   a permanent error, or the attempt cap (`poison`)
+      processing -> queued       the sweeper reclaims an image whose worker vanished
+      done|failed -> queued      an operator re-runs the pipeline from the admin
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        PROCESSING = "processing"
+        DONE = "done"
+        FAILED = "failed"
+
+    class Annotation(models.TextChoices):
+        BOXES = "boxes"
+        BLUR = "blur"
+        PIXELATE = "pixelate"
+
+    class CallbackStatus(models.TextChoices):
+        NONE = "none"
+        PENDING = "pending"
+        DELIVERED = "delivered"
+        FAILED = "failed"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    client = models.ForeignKey(Client, on_delete=models.CASCADE, related_name="images")
+    request_id = models.CharField(max_length=128, null=True, blank=True)
+
+    original_key = models.CharField(max_length=200)
+    annotated_key = models.CharField(max_length=200, blank=True, default="")
+    sha256 = models.CharField(max_length=64)
+    size_bytes = models.PositiveIntegerField()
+    format = models.CharField(max_length=10)
+    width = models.PositiveIntegerField()
+    height = models.PositiveIntegerField()
+
+    min_face_size = models.PositiveIntegerField(default=20)
+    min_confidence = models.FloatField(default=0.9)
+    annotation = models.CharField(max_length=10, choices=Annotation.choices, default=Annotation.BOXES)
+
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.QUEUED)
+    error_code = models.CharField(max_length=50, blank=True, default="")
+    error_message = models.TextField(blank=True, default="")
+    face_count = models.PositiveIntegerField(null=True, blank=True)
+    # The Celery task id of the current claim: a redelivered message carries the same id.
+    task_id = models.CharField(max_length=64, blank=True, default="")
+    attempts = models.PositiveSmallIntegerField(default=0)
+
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    # Set once the broker confirmed the pipeline's first message; null means not yet enqueued.
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    detect_ms = models.PositiveIntegerField(null=True, blank=True)
+
+    callback_url = models.URLField(max_length=2000, blank=True, default="")
+    callback_status = models.CharField(max_length=10, choices=CallbackStatus.choices, default=CallbackStatus.NONE)
+    # Identifies the current event (webhook-id): the same on every retry, new on a re-run.
+    callback_event_id = models.CharField(max_length=64, blank=True, default="")
+    callback_attempts = models.PositiveSmallIntegerField(default=0)
+    callback_last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    callback_next_attempt_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["client", "request_id"], condition=Q(request_id__isnull=False), name="unique_request_id_per_client"
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["client", "-created_at"], name="image_client_created"),
+            models.Index(fields=["client", "status", "-created_at"], name="image_client_status_created"),
+            models.Index(fields=["status", "created_at"], name="image_status_created"),
+            models.Index(fields=["callback_status", "callback_next_attempt_at"], name="image_callback_due"),
+        ]
+
+    def __str__(self):
+        return str(self.id)
+
+    @property
+    def is_finished(self):
+        return self.status in (self.Status.DONE, self.Status.FAILED)
+
+    @property
+    def timings_ms(self):
+        """Queue wait, detection and end-to-end time, as far as they are known."""
+        timings = {"queued": None, "detect": self.detect_ms, "total": None}
+        if self.started_at:
+            timings["queued"] = _ms(self.started_at - self.created_at)
+        if self.finished_at:
+            timings["total"] = _ms(self.finished_at - self.created_at)
+        return timings
+
+    @property
+    def event_type(self):
+        return "image.done" if self.status == self.Status.DONE else "image.failed"
+
+
+def _ms(delta):
+    return max(0, round(delta.total_seconds() * 1000))
+
+
+class Face(models.Model):
+    """A face found in an image, in pixels of the upright original."""
+
+    image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="faces")
+    index = models.PositiveSmallIntegerField()
+    x = models.IntegerField()
+    y = models.IntegerField()
+    width = models.IntegerField()
+    height = models.IntegerField()
+    confidence = models.FloatField()
+    keypoints = models.JSONField()
+
+    class Meta:
+        ordering = ["image", "index"]
+        constraints = [models.UniqueConstraint(fields=["image", "index"], name="unique_face_index")]
+
+    def __str__(self):
+        return f"face {self.index} of {self.image_id}"
+
+    def as_dict(self):
+        """The shape detection produces and drawing takes."""
+        return {
+            "box": {"x": self.x, "y": self.y, "width": self.width, "height": self.height},
+            "confidence": self.confidence,
+            "keypoints": self.keypoints,
+        }
+
+
+class CallbackAttempt(models.Model):
+    """One POST to an integrator's callback URL, whatever came of it."""
+
+    image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="callback_attempts_log")
+    event_id = models.CharField(max_length=64)
+    number = models.PositiveSmallIntegerField()
+    attempted_at = models.DateTimeField(default=timezone.now)
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    error = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["image", "attempted_at"]
+
+    def __str__(self):
+        return f"attempt {self.number} for {self.image_id}"

@@ -1,0 +1,148 @@
+"""Thin views: validate, hand over to the pipeline's rules, respond."""
+
+import logging
+
+from django.conf import settings
+from django.db import connection
+from django.http import HttpResponse, HttpResponseRedirect
+from django.urls import reverse
+from kombu import Connection
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from workers import pipeline
+
+from . import errors, storage
+from .models import Image
+from .serializers import ImageSerializer, ImageUploadSerializer
+from .uploads import inspect_image
+
+logger = logging.getLogger(__name__)
+
+# Room for the multipart envelope and the small form fields around the image.
+MULTIPART_OVERHEAD = 64 * 1024
+UUID_PATTERN = "[0-9a-fA-F-]{32,36}"
+
+
+class ImageViewSet(mixins.CreateModelMixin, mixins.RetrieveModelMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
+    """Submit photos, follow their status, download originals and annotated output."""
+
+    serializer_class = ImageSerializer
+    lookup_value_regex = UUID_PATTERN
+
+    def get_queryset(self):
+        # A client sees only its own images: everything else is a 404.
+        queryset = Image.objects.filter(client=self.request.user).prefetch_related("faces")
+        if self.action == "list":
+            queryset = self._filtered(queryset)
+        return queryset
+
+    def _filtered(self, queryset):
+        wanted = self.request.query_params.get("status")
+        if wanted is not None:
+            if wanted not in Image.Status.values:
+                raise errors.invalid_request(f"status must be one of {', '.join(Image.Status.values)}", {"field": "status"})
+            queryset = queryset.filter(status=wanted)
+        request_id = self.request.query_params.get("request_id")
+        if request_id is not None:
+            queryset = queryset.filter(request_id=request_id)
+        return queryset
+
+    def create(self, request, *args, **kwargs):
+        declared = request.META.get("CONTENT_LENGTH") or "0"
+        if declared.isdigit() and int(declared) > settings.MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD:
+            raise errors.image_too_large(f"The request is larger than {settings.MAX_UPLOAD_BYTES} bytes.")
+        if len(request.FILES.getlist("image")) > 1:
+            raise errors.invalid_request("Send exactly one image part.", {"field": "image"})
+
+        form = ImageUploadSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        options = dict(form.validated_data)
+        upload = options.pop("image")
+        if upload.size > settings.MAX_UPLOAD_BYTES:
+            raise errors.image_too_large(f"The image is larger than {settings.MAX_UPLOAD_BYTES} bytes.")
+        data = upload.read()
+        inspected = inspect_image(data)
+
+        try:
+            image, created = pipeline.submit(request.user, data, inspected, options)
+        except pipeline.RequestIdConflict:
+            raise errors.conflict("This request_id was already used with a different image.") from None
+        except storage.StorageUnavailable:
+            logger.warning("upload refused: storage unavailable", exc_info=True)
+            raise errors.service_unavailable("Storage is unavailable; nothing was accepted. Try again.") from None
+
+        body = self.get_serializer(image).data
+        if not created:
+            return Response(body, status=status.HTTP_200_OK)
+        return Response(body, status=status.HTTP_202_ACCEPTED, headers={"Location": body_url(request, image)})
+
+    @action(detail=True, methods=["get"], url_path="original", url_name="original")
+    def original(self, request, pk=None):
+        image = self.get_object()
+        return _download(image.original_key, storage.CONTENT_TYPES[image.format])
+
+    @action(detail=True, methods=["get"], url_path="annotated", url_name="annotated")
+    def annotated(self, request, pk=None):
+        image = self.get_object()
+        if image.status != Image.Status.DONE or not image.annotated_key:
+            raise errors.not_ready("The annotated image is not ready yet.")
+        content_type = "image/png" if image.annotated_key.endswith(".png") else "image/jpeg"
+        return _download(image.annotated_key, content_type)
+
+
+def body_url(request, image):
+    return request.build_absolute_uri(reverse("image-detail", args=[image.pk]))
+
+
+def _download(key, content_type):
+    try:
+        if settings.DOWNLOAD_REDIRECT:
+            url = storage.presigned_url(key)
+            if url:
+                return HttpResponseRedirect(url)
+        data = storage.read(key)
+    except storage.ObjectMissing:
+        raise errors.ApiError(404, "not_found", "The stored object is gone.") from None
+    except storage.StorageUnavailable:
+        raise errors.service_unavailable("Storage is unavailable. Try again.") from None
+    response = HttpResponse(data, content_type=content_type)
+    response["Cache-Control"] = "private, max-age=3600"
+    return response
+
+
+class HealthView(APIView):
+    """GET /api/v1/health/: database, broker and storage, each checked for real."""
+
+    authentication_classes = []
+    permission_classes = []
+    throttle_classes = []
+
+    def get(self, request):
+        checks = {"database": _check(_database), "broker": _check(_broker), "storage": _check(storage.check)}
+        healthy = all(value == "ok" for value in checks.values())
+        return Response(
+            {"status": "ok" if healthy else "unavailable", "checks": checks},
+            status=status.HTTP_200_OK if healthy else status.HTTP_503_SERVICE_UNAVAILABLE,
+        )
+
+
+def _check(probe):
+    try:
+        probe()
+        return "ok"
+    except Exception as error:
+        logger.warning("health check failed: %s", error)
+        return f"error: {type(error).__name__}"
+
+
+def _database():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+
+
+def _broker():
+    with Connection(settings.CELERY_BROKER_URL, connect_timeout=2) as conn:
+        conn.ensure_connection(max_retries=1, timeout=2)

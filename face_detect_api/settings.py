@@ -1,0 +1,344 @@
+"""Settings for the face detection platform.
+
+Every value comes from the environment, read once through the typed helpers below. A bad value
+stops the process at start-up with a message naming the variable. `env.env` lists every variable
+with its default; the defaults here are the ones `make run` uses, so `manage.py` run from a
+checkout with nothing set talks to the same database and broker.
+"""
+
+import ipaddress
+import math
+import os
+import secrets
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+# --- Typed environment helpers ---------------------------------------------------------------
+
+
+def _fail(name, value, expected):
+    raise ImproperlyConfigured(f"Environment variable {name}={value!r} is invalid: expected {expected}")
+
+
+def envstr(name, default):
+    return os.environ.get(name, default)
+
+
+def envbool(name, default):
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    if value.lower() in ("true", "1", "yes", "on"):
+        return True
+    if value.lower() in ("false", "0", "no", "off"):
+        return False
+    _fail(name, value, "true or false")
+
+
+def envint(name, default, minimum=None, maximum=None):
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        _fail(name, value, "an integer")
+    if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
+        _fail(name, value, f"an integer in [{minimum}, {maximum}]")
+    return number
+
+
+def envfloat(name, default, minimum=None):
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        _fail(name, value, "a number")
+    if not math.isfinite(number) or (minimum is not None and number < minimum):
+        _fail(name, value, f"a finite number >= {minimum}")
+    return number
+
+
+def envlist(name, default):
+    value = os.environ.get(name)
+    if value is None:
+        return list(default)
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def envdelays(name, default):
+    items = envlist(name, default)
+    try:
+        delays = [int(item) for item in items]
+    except ValueError:
+        _fail(name, ",".join(items), "comma-separated whole seconds")
+    if any(delay < 0 for delay in delays):
+        _fail(name, ",".join(items), "non-negative seconds")
+    return delays
+
+
+def envnetworks(name, default):
+    items = envlist(name, default)
+    try:
+        return [ipaddress.ip_network(item, strict=False) for item in items]
+    except ValueError:
+        _fail(name, ",".join(items), "comma-separated CIDR networks")
+
+
+def envchoice(name, default, choices):
+    value = os.environ.get(name) or default
+    if value not in choices:
+        _fail(name, value, " or ".join(choices))
+    return value
+
+
+def _secret_key():
+    """SECRET_KEY from the environment, else one generated once and kept beside the checkout."""
+    value = os.environ.get("SECRET_KEY")
+    if value:
+        return value
+    key_file = BASE_DIR / ".secret_key"
+    if not key_file.exists():
+        key_file.touch(mode=0o600)
+        key_file.write_text(secrets.token_urlsafe(64))
+    return key_file.read_text().strip()
+
+
+# --- Core ------------------------------------------------------------------------------------
+
+DEBUG = envbool("DEBUG", False)
+SECRET_KEY = _secret_key()
+ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+PORT = envint("PORT", 8000, minimum=1, maximum=65535)
+# Where integrators reach the API: used for the URLs inside callbacks, sent with no request at hand.
+PUBLIC_BASE_URL = envstr("PUBLIC_BASE_URL", f"http://127.0.0.1:{PORT}").rstrip("/")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "api",
+    "workers",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "face_detect_api.urls"
+WSGI_APPLICATION = "face_detect_api.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+
+# --- Security (production defaults; `manage.py check --deploy` passes with DEBUG=false) --------
+
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL_REDIRECT = envbool("SECURE_SSL_REDIRECT", False)
+SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", 0, minimum=0)
+SESSION_COOKIE_SECURE = envbool("SESSION_COOKIE_SECURE", not DEBUG)
+CSRF_COOKIE_SECURE = envbool("CSRF_COOKIE_SECURE", not DEBUG)
+CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", [])
+X_FRAME_OPTIONS = "DENY"
+
+
+# --- Database --------------------------------------------------------------------------------
+
+DATABASE_URL = envstr("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/face_detect")
+try:
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=True)}
+except ValueError as error:
+    raise ImproperlyConfigured(f"Environment variable DATABASE_URL is invalid: {error}") from error
+if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+    raise ImproperlyConfigured("Environment variable DATABASE_URL must be a postgres:// URL")
+DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = envint("DATABASE_CONNECT_TIMEOUT", 5, 1)
+
+
+# --- Cache (rate limits shared by every API process) ----------------------------------------
+
+REDIS_URL = envstr("REDIS_URL", "redis://127.0.0.1:6379/1")
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1},
+    }
+}
+
+
+# --- Celery ----------------------------------------------------------------------------------
+
+CELERY_BROKER_URL = envstr("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+CELERY_RESULT_BACKEND = envstr("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/0")
+WORKER_CONCURRENCY = envint("WORKER_CONCURRENCY", os.cpu_count() or 1, minimum=1)
+# A worker child is replaced after this many tasks, bounding TensorFlow's memory growth.
+WORKER_MAX_TASKS_PER_CHILD = envint("WORKER_MAX_TASKS_PER_CHILD", 500, minimum=1)
+WORKER_MAX_MEMORY_PER_CHILD_MB = envint("WORKER_MAX_MEMORY_PER_CHILD_MB", 1500, minimum=100)
+TASK_SOFT_TIME_LIMIT = envint("TASK_SOFT_TIME_LIMIT", 60, minimum=1)
+TASK_TIME_LIMIT = envint("TASK_TIME_LIMIT", 90, minimum=2)
+if TASK_TIME_LIMIT <= TASK_SOFT_TIME_LIMIT:
+    _fail("TASK_TIME_LIMIT", TASK_TIME_LIMIT, f"more than TASK_SOFT_TIME_LIMIT ({TASK_SOFT_TIME_LIMIT})")
+
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_RESULT_EXPIRES = 24 * 3600
+CELERY_RESULT_BACKEND_ALWAYS_RETRY = True
+CELERY_RESULT_BACKEND_MAX_RETRIES = 20
+# CPU-bound work: a message is acknowledged only once its task has finished, a task whose worker
+# died is redelivered, and no worker hoards messages another one could be running.
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SOFT_TIME_LIMIT = TASK_SOFT_TIME_LIMIT
+CELERY_TASK_TIME_LIMIT = TASK_TIME_LIMIT
+CELERY_WORKER_MAX_TASKS_PER_CHILD = WORKER_MAX_TASKS_PER_CHILD
+CELERY_WORKER_MAX_MEMORY_PER_CHILD = WORKER_MAX_MEMORY_PER_CHILD_MB * 1024
+CELERY_TASK_DEFAULT_QUEUE = "detect"
+CELERY_TASK_ROUTES = {
+    "workers.tasks.send_callback": {"queue": "callbacks"},
+    "workers.tasks.dispatch_due_callbacks": {"queue": "callbacks"},
+    "workers.tasks.sweep_images": {"queue": "callbacks"},
+}
+# A publish the broker did not confirm raises, so the API knows the job is not yet enqueued.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
+CELERY_BROKER_CONNECTION_TIMEOUT = 2
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+CELERY_WORKER_SEND_TASK_EVENTS = False
+CELERY_BEAT_SCHEDULE = {
+    "dispatch-due-callbacks": {"task": "workers.tasks.dispatch_due_callbacks", "schedule": envfloat("CALLBACK_DISPATCH_INTERVAL", 1.0, 0.1)},
+    "sweep-images": {"task": "workers.tasks.sweep_images", "schedule": envfloat("SWEEP_INTERVAL", 15.0, 0.5)},
+}
+
+
+# --- Storage ---------------------------------------------------------------------------------
+
+MINIO_ENDPOINT = envstr("MINIO_ENDPOINT", "")
+STORAGE_BACKEND = envchoice("STORAGE_BACKEND", "minio" if MINIO_ENDPOINT else "filesystem", ("minio", "filesystem"))
+if STORAGE_BACKEND == "minio" and not MINIO_ENDPOINT:
+    _fail("MINIO_ENDPOINT", MINIO_ENDPOINT, "host:port when STORAGE_BACKEND=minio")
+MINIO_ACCESS_KEY = envstr("MINIO_ACCESS_KEY", "minioadmin")
+MINIO_SECRET_KEY = envstr("MINIO_SECRET_KEY", "minioadmin")
+MINIO_BUCKET = envstr("MINIO_BUCKET", "face-detect")
+MINIO_SECURE = envbool("MINIO_SECURE", False)
+MEDIA_ROOT = Path(envstr("MEDIA_ROOT", str(BASE_DIR / "media")))
+# Downloads stream through the API; set true to answer 302 to a presigned URL instead.
+DOWNLOAD_REDIRECT = envbool("DOWNLOAD_REDIRECT", False)
+PRESIGNED_URL_SECONDS = envint("PRESIGNED_URL_SECONDS", 300, minimum=1, maximum=7 * 24 * 3600)
+
+STORAGES = {
+    "default": {"BACKEND": "api.storage.build_storage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+
+
+# --- Uploads ---------------------------------------------------------------------------------
+
+MAX_UPLOAD_BYTES = envint("MAX_UPLOAD_BYTES", 20 * 1024 * 1024, minimum=1)
+MAX_IMAGE_PIXELS = envint("MAX_IMAGE_PIXELS", 50_000_000, minimum=1)
+# Smallest side MTCNN's first network can look at.
+MIN_IMAGE_SIDE = 12
+# Form fields other than files: nothing legitimate comes near this.
+DATA_UPLOAD_MAX_MEMORY_SIZE = 64 * 1024
+DATA_UPLOAD_MAX_NUMBER_FIELDS = 20
+FILE_UPLOAD_MAX_MEMORY_SIZE = 4 * 1024 * 1024
+FILE_UPLOAD_HANDLERS = [
+    "api.uploads.LimitedUploadHandler",
+    "django.core.files.uploadhandler.MemoryFileUploadHandler",
+    "django.core.files.uploadhandler.TemporaryFileUploadHandler",
+]
+
+
+# --- Detection -------------------------------------------------------------------------------
+
+# Photos are downscaled so their long side is at most this before detection (see README).
+DETECT_MAX_SIDE = envint("DETECT_MAX_SIDE", 1024, minimum=64)
+DETECT_THREADS = envint("DETECT_THREADS", 1, minimum=1)
+
+
+# --- Callbacks -------------------------------------------------------------------------------
+
+CALLBACK_ALLOWED_NETWORKS = envnetworks("CALLBACK_ALLOWED_NETWORKS", [])
+CALLBACK_RETRY_DELAYS = envdelays("CALLBACK_RETRY_DELAYS", ["5", "30", "120", "600", "1800", "3600", "10800", "21600"])
+CALLBACK_TIMEOUT = envfloat("CALLBACK_TIMEOUT", 10.0, minimum=0.1)
+
+
+# --- Pipeline recovery -----------------------------------------------------------------------
+
+# An image claimed by a worker longer than this is handed to another one.
+PROCESSING_DEADLINE_SECONDS = envint("PROCESSING_DEADLINE_SECONDS", 300, minimum=10)
+# An accepted image whose publish was never confirmed is re-sent after this.
+ENQUEUE_GRACE_SECONDS = envint("ENQUEUE_GRACE_SECONDS", 30, minimum=1)
+# After this many claims an image is failed as `poison` instead of looping.
+MAX_PIPELINE_ATTEMPTS = envint("MAX_PIPELINE_ATTEMPTS", 3, minimum=1)
+
+
+# --- REST framework --------------------------------------------------------------------------
+
+THROTTLE_RATE = envstr("THROTTLE_RATE", "50/s")
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["api.auth.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_THROTTLE_CLASSES": ["api.auth.ClientRateThrottle"],
+    "DEFAULT_THROTTLE_RATES": {"client": THROTTLE_RATE},
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "PAGE_SIZE": envint("PAGE_SIZE", 50, minimum=1, maximum=1000),
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.MultiPartParser", "rest_framework.parsers.JSONParser"],
+    "EXCEPTION_HANDLER": "api.errors.exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+
+
+# --- Logging ---------------------------------------------------------------------------------
+
+LOG_LEVEL = envchoice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

@@ -1,0 +1,31 @@
+"""Worker process hooks: detection workers import TensorFlow once in the parent and build the
+detector in each pool child right after the fork, so the first image is not slow."""
+
+import logging
+
+import numpy as np
+from celery import signals
+
+logger = logging.getLogger(__name__)
+
+_runs_detection = False
+
+
+@signals.celeryd_after_setup.connect
+def _note_queues(sender, instance, **kwargs):
+    global _runs_detection
+    _runs_detection = "detect" in instance.app.amqp.queues.consume_from
+    if _runs_detection:
+        # Importing (not using) TensorFlow before the fork is safe and saves every recycled child
+        # the import; creating the model here would hang the children.
+        import tensorflow  # noqa: F401
+
+
+@signals.worker_process_init.connect
+def _warm_up_detector(**kwargs):
+    if not _runs_detection:
+        return
+    from .detection import get_detector
+
+    get_detector().detect(np.zeros((64, 64, 3), dtype=np.uint8))
+    logger.info("detector ready")
