@@ -8,7 +8,6 @@ from django.http import HttpResponse, HttpResponseRedirect
 from django.urls import reverse
 from kombu import Connection
 from rest_framework import mixins, status, viewsets
-from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -23,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 # Room for the multipart envelope and the small form fields around the image.
 MULTIPART_OVERHEAD = 64 * 1024
-UUID_PATTERN = "[0-9a-fA-F-]{32,36}"
+UUID_PATTERN = "[0-9a-fA-F-]{36}"
 
 
 class ImageViewSet(mixins.CreateModelMixin, mixins.RetrieveModelMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
@@ -79,12 +78,10 @@ class ImageViewSet(mixins.CreateModelMixin, mixins.RetrieveModelMixin, mixins.Li
             return Response(body, status=status.HTTP_200_OK)
         return Response(body, status=status.HTTP_202_ACCEPTED, headers={"Location": body_url(request, image)})
 
-    @action(detail=True, methods=["get"], url_path="original", url_name="original")
     def original(self, request, pk=None):
         image = self.get_object()
         return _download(image.original_key, storage.CONTENT_TYPES[image.format])
 
-    @action(detail=True, methods=["get"], url_path="annotated", url_name="annotated")
     def annotated(self, request, pk=None):
         image = self.get_object()
         if image.status != Image.Status.DONE or not image.annotated_key:

@@ -13,6 +13,7 @@ downscaling further (mtcnn itself returns nothing for 30 or more).
 """
 
 import io
+import os
 import threading
 from dataclasses import dataclass
 
@@ -25,6 +26,10 @@ KEYPOINTS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 # MTCNN's smallest window, and the largest min_face_size mtcnn 1.0.0 handles correctly.
 MTCNN_WINDOW = 12
 MTCNN_MAX_MIN_FACE = 20
+
+# TensorFlow's C++ info lines (oneDNN, CPU features, the package's swallowed "no faces" errors)
+# drown the worker's own log.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 _lock = threading.Lock()
 _detector = None

@@ -6,6 +6,8 @@ import logging
 import numpy as np
 from celery import signals
 
+from . import detection  # sets TensorFlow's log level before anything imports it
+
 logger = logging.getLogger(__name__)
 
 _runs_detection = False
@@ -25,7 +27,5 @@ def _note_queues(sender, instance, **kwargs):
 def _warm_up_detector(**kwargs):
     if not _runs_detection:
         return
-    from .detection import get_detector
-
-    get_detector().detect(np.zeros((64, 64, 3), dtype=np.uint8))
+    detection.get_detector().detect(np.zeros((64, 64, 3), dtype=np.uint8))
     logger.info("detector ready")
