@@ -71,6 +71,8 @@ def exception_handler(exc, context):
         exc = exceptions.NotFound()
     if isinstance(exc, RequestDataTooBig | TooManyFieldsSent):
         exc = invalid_request("The form fields are too large or too many.")
+    if isinstance(exc, exceptions.UnsupportedMediaType):
+        exc = invalid_request("Send the image as multipart/form-data.", {"content_type": exc.detail})
     if isinstance(exc, DatabaseError):
         logger.warning("database unavailable", exc_info=exc)
         exc = service_unavailable("The database is unavailable; nothing was accepted. Try again.")

@@ -1,0 +1,106 @@
+"""The test rig: real PostgreSQL, RabbitMQ, Redis and an S3 server speaking the real protocol.
+
+Everything a test session touches is its own: a RabbitMQ vhost, Redis databases 14-15, a fresh
+bucket on a moto S3 server started here, and pytest-django's test database. A `make run` instance
+on the same machine is left alone.
+"""
+
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PHOTOS = Path(__file__).resolve().parent / "photos"
+
+
+from tests.testenv import RABBIT_VHOST, S3_PORT
+
+
+def _rabbitmqctl(*args):
+    env = dict(os.environ, ERL_EPMD_ADDRESS="127.0.0.1")
+    return subprocess.run(["rabbitmqctl", *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def rabbit_vhost():
+    """A vhost of the session's own, so no other worker on this machine eats its messages."""
+    _rabbitmqctl("add_vhost", RABBIT_VHOST)
+    result = _rabbitmqctl("set_permissions", "-p", RABBIT_VHOST, "guest", ".*", ".*", ".*")
+    assert result.returncode == 0, result.stderr
+    yield RABBIT_VHOST
+
+
+@pytest.fixture(scope="session", autouse=True)
+def s3_server():
+    """moto's S3 server on a free port: the minio client talks real HTTP to it."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{S3_PORT}"
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rate_limits():
+    """Throttle counters live in Redis and outlive a test's database."""
+    from django.core.cache import cache
+
+    cache.clear()
+
+
+@pytest.fixture
+def client_factory(db):
+    from api.models import Client
+
+    made = iter(range(1_000_000))
+
+    def make(name=None):
+        return Client.create_with_credentials(name or f"client-{next(made)}-{time.monotonic_ns()}")
+
+    return make
+
+
+@pytest.fixture
+def integrator(client_factory):
+    """(client, api_key)"""
+    return client_factory()
+
+
+@pytest.fixture
+def api(integrator):
+    """A DRF test client authenticated as `integrator`."""
+    from rest_framework.test import APIClient
+
+    api_client = APIClient()
+    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {integrator[1]}")
+    return api_client
+
+
+def photo(name):
+    return (PHOTOS / name).read_bytes()
+
+
+def upload(api, name="clm_cage.jpg", data=None, **fields):
+    """POST a photo (by file name under tests/photos) to the images endpoint."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    content = photo(name) if data is None else data
+    form = {"image": SimpleUploadedFile(name, content, content_type="application/octet-stream"), **fields}
+    return api.post("/api/v1/images/", form, format="multipart")
+
+
+def wait_for(predicate, timeout=60, interval=0.2, message="condition"):
+    """Poll until predicate() is truthy; every wait in the suite is bounded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {message}")

@@ -1,0 +1,137 @@
+"""Accepting an upload: 202, the original in S3, the row committed, the chain in RabbitMQ."""
+
+import hashlib
+import json
+
+import pytest
+from kombu import Connection
+
+from api import storage
+from api.models import Image
+from tests.conftest import photo, upload, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _drain_detect_queue():
+    """Every message waiting on the `detect` queue, removed from it, as decoded bodies."""
+    from django.conf import settings
+
+    messages = []
+    with Connection(settings.CELERY_BROKER_URL) as conn:
+        queue = conn.SimpleQueue("detect")
+        try:
+            while True:
+                message = queue.get(timeout=0.5)
+                messages.append((message.headers, message.payload))
+                message.ack()
+        except queue.Empty:
+            pass
+        finally:
+            queue.close()
+    return messages
+
+
+@pytest.fixture(autouse=True)
+def _empty_queue():
+    _drain_detect_queue()
+
+
+def test_it_accepts_an_upload_stores_it_and_enqueues_after_commit(api, integrator):
+    response = upload(api, "vlad_sample1.jpg", request_id="order-1", callback_url="http://127.0.0.1:9/hook")
+
+    assert response.status_code == 202
+    body = response.json()
+    assert body["status"] == "queued"
+    assert body["request_id"] == "order-1"
+    assert (body["width"], body["height"]) == (1920, 1280)
+    for field in ("face_count", "faces", "annotated_url", "finished_at"):
+        assert body[field] is None
+    assert response["Location"] == f"http://testserver/api/v1/images/{body['id']}/"
+    assert body["original_url"] == f"http://testserver/api/v1/images/{body['id']}/original"
+    assert body["callback"] == {"url": "http://127.0.0.1:9/hook", "status": "none", "attempts": 0, "last_status_code": None}
+
+    image = Image.objects.get(pk=body["id"])
+    assert image.client == integrator[0]
+    assert image.format == "JPEG"
+    assert image.sha256 == hashlib.sha256(photo("vlad_sample1.jpg")).hexdigest()
+    assert image.enqueued_at is not None
+    assert storage.read(image.original_key) == photo("vlad_sample1.jpg")
+
+    messages = wait_for(_drain_detect_queue, timeout=10, message="the detect message")
+    assert len(messages) == 1
+    headers, payload = messages[0]
+    assert headers["task"] == "workers.tasks.detect_faces"
+    args, kwargs, embed = payload
+    assert args == [str(image.pk)]
+    # The rest of the chain rides along with the first message, ids only.
+    assert [task["task"] for task in embed["chain"]][::-1] == [
+        "workers.tasks.save_faces", "workers.tasks.draw_annotation", "workers.tasks.send_callback",
+    ]
+    json.dumps(payload)  # JSON over the wire, nothing pickled
+
+
+def test_it_reads_the_real_type_from_the_bytes_not_the_name(api):
+    response = upload(api, "skimage_astronaut.png")  # PNG bytes, sent as application/octet-stream
+
+    assert response.status_code == 202
+    assert Image.objects.get(pk=response.json()["id"]).format == "PNG"
+
+
+def test_the_same_request_id_and_bytes_return_the_existing_image_without_a_new_job(api):
+    first = upload(api, request_id="same")
+    _drain_detect_queue()
+
+    again = upload(api, request_id="same")
+
+    assert again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    assert Image.objects.count() == 1
+    assert _drain_detect_queue() == []
+
+
+def test_the_same_request_id_with_other_bytes_is_a_conflict(api):
+    upload(api, "clm_cage.jpg", request_id="same")
+
+    response = upload(api, "clm_audrey.jpg", request_id="same")
+
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "conflict"
+    assert Image.objects.count() == 1
+
+
+def test_request_ids_are_scoped_to_their_client(api, client_factory):
+    from rest_framework.test import APIClient
+
+    other = APIClient()
+    other.credentials(HTTP_AUTHORIZATION=f"Bearer {client_factory()[1]}")
+
+    assert upload(api, "clm_cage.jpg", request_id="shared").status_code == 202
+    assert upload(other, "clm_audrey.jpg", request_id="shared").status_code == 202
+
+
+def test_options_are_stored(api):
+    response = upload(api, min_face_size="40", min_confidence="0.95", annotation="blur")
+
+    image = Image.objects.get(pk=response.json()["id"])
+    assert (image.min_face_size, image.min_confidence, image.annotation) == (40, 0.95, "blur")
+
+
+def test_an_upload_while_the_broker_is_down_is_still_accepted_and_left_for_the_sweeper(api, settings):
+    from face_detect_api.celery import app
+
+    original = app.conf.broker_url
+    app.conf.broker_url = "amqp://guest:guest@127.0.0.1:1//"
+    app.pool.force_close_all()
+    app._pool = None
+    try:
+        response = upload(api)
+    finally:
+        app.conf.broker_url = original
+        app._pool = None
+
+    assert response.status_code == 202
+    image = Image.objects.get(pk=response.json()["id"])
+    assert image.status == "queued"
+    assert image.enqueued_at is None  # the sweeper sends it once the broker is back
+    assert storage.exists(image.original_key)

@@ -1,0 +1,37 @@
+"""The test session's environment, loaded as a pytest plugin (`-p tests.testenv`) so it is in
+place before pytest-django imports the settings."""
+
+import os
+import socket
+import tempfile
+
+RABBIT_VHOST = "face_detect_test"
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+S3_PORT = free_port()
+MEDIA_ROOT = tempfile.mkdtemp(prefix="face-detect-media-")
+
+# Read by the settings when pytest-django sets Django up, and passed on to worker processes.
+TEST_ENV = {
+    "STORAGE_BACKEND": "minio",
+    "MINIO_ENDPOINT": f"127.0.0.1:{S3_PORT}",
+    "MINIO_BUCKET": "face-detect-test",
+    "MEDIA_ROOT": MEDIA_ROOT,
+    "CELERY_BROKER_URL": f"amqp://guest:guest@127.0.0.1:5672/{RABBIT_VHOST}",
+    "CELERY_RESULT_BACKEND": "redis://127.0.0.1:6379/14",
+    "REDIS_URL": "redis://127.0.0.1:6379/15",
+    "CALLBACK_ALLOWED_NETWORKS": "127.0.0.1/32",
+    "CALLBACK_RETRY_DELAYS": "1,1",
+    "CALLBACK_TIMEOUT": "3",
+    "CALLBACK_DISPATCH_INTERVAL": "0.5",
+    "THROTTLE_RATE": "100000/s",
+    "PUBLIC_BASE_URL": "http://testserver",
+    "DEBUG": "false",
+}
+os.environ.update(TEST_ENV)
