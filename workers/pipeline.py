@@ -29,7 +29,8 @@ class PipelineError(Exception):
     """A permanent failure with the structured error the integrator will see."""
 
     def __init__(self, code, message):
-        super().__init__(message)
+        # Both in args, so Celery can rebuild the exception when it hands it to the errback.
+        super().__init__(code, message)
         self.code = code
         self.message = message
 
