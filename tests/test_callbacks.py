@@ -1,0 +1,186 @@
+"""Callback signing and the SSRF guard, at submission and at connect time."""
+
+import base64
+import datetime
+import hashlib
+import hmac
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from standardwebhooks.webhooks import Webhook
+
+from api.models import Client
+from workers import callbacks
+
+
+def test_the_signature_follows_standard_webhooks():
+    secret = "whsec_" + base64.b64encode(b"k" * 24).decode()
+    body = b'{"type":"image.done"}'
+
+    signature = callbacks.sign(base64.b64decode(secret[6:]), "msg_1", 1700000000, body)
+
+    expected = hmac.new(b"k" * 24, b"msg_1.1700000000." + body, hashlib.sha256).digest()
+    assert signature == "v1," + base64.b64encode(expected).decode()
+    # The reference implementation agrees (timestamp check aside).
+    when = datetime.datetime.fromtimestamp(1700000000, datetime.UTC)
+    assert Webhook(secret).sign("msg_1", when, body.decode()) == signature
+
+
+def test_a_clients_webhook_key_is_the_decoded_secret():
+    client = Client(webhook_secret="whsec_" + base64.b64encode(b"secret-bytes").decode())
+    assert client.webhook_key == b"secret-bytes"
+
+
+@pytest.mark.parametrize(
+    "address,allowed",
+    [
+        ("93.184.216.34", True),
+        ("2606:2800:220:1:248:1893:25c8:1946", True),
+        ("127.0.0.1", False),
+        ("::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.0.1", False),
+        ("169.254.169.254", False),
+        ("100.64.0.1", False),
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+        ("fe80::1", False),
+        ("fd00::1", False),
+        ("240.0.0.1", False),
+    ],
+)
+def test_only_public_unicast_addresses_are_allowed_by_default(settings, address, allowed):
+    settings.CALLBACK_ALLOWED_NETWORKS = []
+    assert callbacks.is_allowed_address(address) is allowed
+
+
+def test_allowed_networks_open_a_private_range(settings):
+    import ipaddress
+
+    settings.CALLBACK_ALLOWED_NETWORKS = [ipaddress.ip_network("10.0.0.0/8")]
+    assert callbacks.is_allowed_address("10.9.9.9")
+    assert not callbacks.is_allowed_address("192.168.1.1")
+
+
+def test_localhost_is_refused_without_an_allowance(settings):
+    settings.CALLBACK_ALLOWED_NETWORKS = []
+    with pytest.raises(callbacks.BlockedAddress):
+        callbacks.check_callback_url("http://localhost:8000/hook")
+
+
+def test_a_name_resolving_to_any_blocked_address_is_refused(settings, monkeypatch):
+    settings.CALLBACK_ALLOWED_NETWORKS = []
+    answers = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 80)),
+               (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.1", 80))]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: answers)
+    with pytest.raises(callbacks.BlockedAddress):
+        callbacks.check_callback_url("http://mixed.example/hook")
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    hits = []
+
+    def do_POST(self):
+        _Recorder.hits.append(self.path)
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def local_server():
+    _Recorder.hits = []
+    server = HTTPServer(("127.0.0.1", 0), _Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_dns_rebinding_is_caught_at_connect_time(settings, monkeypatch, local_server):
+    """The name resolves to a public address when submitted and to loopback when the worker
+    connects: the connection is refused and the local server never sees a request."""
+    import ipaddress
+
+    settings.CALLBACK_ALLOWED_NETWORKS = []
+    real_getaddrinfo = socket.getaddrinfo
+    answers = iter(["93.184.216.34", "127.0.0.1"])
+
+    def rebinding(host, port, *args, **kwargs):
+        if host == "rebind.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
+        return real_getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    url = f"http://rebind.example:{local_server}/hook"
+
+    callbacks.check_callback_url(url)  # submission: public, accepted
+    result = callbacks.deliver(callbacks.guarded_session(), url, b"key", "msg_x", b"{}")
+
+    assert result.status_code is None
+    assert result.error.startswith("blocked")
+    assert _Recorder.hits == []
+    # With loopback allowed, the same delivery goes through: the guard, not the server, refused it.
+    settings.CALLBACK_ALLOWED_NETWORKS = [ipaddress.ip_network("127.0.0.1/32")]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda h, p, *a, **k: real_getaddrinfo("127.0.0.1", p, *a, **k))
+    assert callbacks.deliver(callbacks.guarded_session(), url, b"key", "msg_x", b"{}").status_code == 200
+    assert _Recorder.hits == ["/hook"]
+
+
+class _Redirector(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.send_response(302)
+        self.send_header("location", "http://10.0.0.1/internal")
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_redirect_is_not_followed(settings):
+    import ipaddress
+
+    settings.CALLBACK_ALLOWED_NETWORKS = [ipaddress.ip_network("127.0.0.1/32")]
+    server = HTTPServer(("127.0.0.1", 0), _Redirector)
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+        result = callbacks.deliver(callbacks.guarded_session(), url, b"key", "msg_r", b"{}")
+    finally:
+        server.server_close()
+    assert result.status_code == 302
+    assert not result.delivered
+
+
+def test_a_slow_receiver_times_out(settings):
+    import ipaddress
+
+    settings.CALLBACK_ALLOWED_NETWORKS = [ipaddress.ip_network("127.0.0.1/32")]
+    settings.CALLBACK_TIMEOUT = 0.5
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)  # accepts the connection, never answers
+    try:
+        result = callbacks.deliver(callbacks.guarded_session(), f"http://127.0.0.1:{listener.getsockname()[1]}/", b"k", "m", b"{}")
+    finally:
+        listener.close()
+    assert result.status_code is None
+    assert "timed out" in result.error
+
+
+def test_proxy_variables_are_ignored(settings, monkeypatch, local_server):
+    import ipaddress
+
+    settings.CALLBACK_ALLOWED_NETWORKS = [ipaddress.ip_network("127.0.0.1/32")]
+    monkeypatch.setenv("HTTP_PROXY", "http://10.0.0.1:3128")
+    result = callbacks.deliver(callbacks.guarded_session(), f"http://127.0.0.1:{local_server}/p", b"k", "m", b"{}")
+    assert result.status_code == 200
