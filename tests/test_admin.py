@@ -1,0 +1,74 @@
+"""The operators' admin: list, filters, search, the detail page and its actions."""
+
+import pytest
+from django.contrib.auth.models import User
+
+from api import storage
+from api.models import CallbackAttempt, Face, Image
+from tests.conftest import photo
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def operator(client):
+    user = User.objects.create_superuser("ops", "ops@example.com", "pw-for-tests-only")
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def done_image(integrator):
+    image = Image.objects.create(
+        client=integrator[0], request_id="r-1", original_key="originals/a.jpg", sha256="0" * 64, size_bytes=10,
+        format="JPEG", width=500, height=614, status="done", face_count=1, annotated_key="annotated/a.jpg",
+        callback_url="http://127.0.0.1:9/hook", callback_status="delivered", callback_event_id="msg_1",
+    )
+    Face.objects.create(image=image, index=0, x=1, y=2, width=30, height=40, confidence=0.99, keypoints={"nose": [5, 6]})
+    CallbackAttempt.objects.create(image=image, event_id="msg_1", number=1, status_code=200, latency_ms=12)
+    storage.put("annotated/a.jpg", photo("clm_cage.jpg"))
+    return image
+
+
+def test_the_list_shows_images_with_filters_and_search(operator, done_image):
+    page = operator.get("/admin/api/image/", {"status__exact": "done", "callback_status__exact": "delivered", "q": "r-1"})
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert str(done_image.pk) in html
+    assert "r-1" in html
+
+    assert str(done_image.pk) not in operator.get("/admin/api/image/", {"status__exact": "failed"}).content.decode()
+    assert str(done_image.pk) in operator.get("/admin/api/image/", {"q": str(done_image.pk)}).content.decode()
+
+
+def test_the_detail_page_shows_faces_attempts_and_a_preview(operator, done_image):
+    page = operator.get(f"/admin/api/image/{done_image.pk}/change/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert 'src="data:image/jpeg;base64,' in html
+    assert "msg_1" in html
+    assert "0.99" in html
+
+
+def test_the_rerun_action_queues_a_finished_image_again(operator, done_image):
+    response = operator.post("/admin/api/image/", {"action": "rerun_pipeline", "_selected_action": [str(done_image.pk)]})
+    assert response.status_code == 302
+    done_image.refresh_from_db()
+    assert done_image.status == "queued"
+    assert done_image.face_count is None
+    assert not Face.objects.filter(image=done_image).exists()
+
+
+def test_the_resend_action_starts_a_new_callback_event(operator, done_image):
+    operator.post("/admin/api/image/", {"action": "resend_callback", "_selected_action": [str(done_image.pk)]})
+    done_image.refresh_from_db()
+    assert done_image.callback_status == "pending"
+    assert done_image.callback_attempts == 0
+    assert done_image.callback_event_id not in ("", "msg_1")
+
+
+def test_client_secrets_never_show_in_the_admin(operator, integrator):
+    html = operator.get(f"/admin/api/client/{integrator[0].pk}/change/").content.decode()
+    assert integrator[0].webhook_secret not in html
+    assert integrator[0].api_key_hash not in html
+    assert integrator[1] not in html
