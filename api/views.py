@@ -25,7 +25,10 @@ MULTIPART_OVERHEAD = 64 * 1024
 UUID_PATTERN = "[0-9a-fA-F-]{36}"
 
 
-class ImageViewSet(mixins.CreateModelMixin, mixins.RetrieveModelMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
+class ImageViewSet(
+    mixins.CreateModelMixin, mixins.RetrieveModelMixin, mixins.ListModelMixin, mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
+):
     """Submit photos, follow their status, download originals and annotated output."""
 
     serializer_class = ImageSerializer
@@ -77,6 +80,12 @@ class ImageViewSet(mixins.CreateModelMixin, mixins.RetrieveModelMixin, mixins.Li
         if not created:
             return Response(body, status=status.HTTP_200_OK)
         return Response(body, status=status.HTTP_202_ACCEPTED, headers={"Location": body_url(request, image)})
+
+    def perform_destroy(self, image):
+        try:
+            pipeline.delete(image)
+        except storage.StorageUnavailable:
+            raise errors.service_unavailable("Storage is unavailable. Try again.") from None
 
     def original(self, request, pk=None):
         image = self.get_object()

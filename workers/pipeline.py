@@ -236,6 +236,26 @@ def resend_callback(image_id):
     return True
 
 
+def delete(image):
+    """Remove an image now: its objects first (StorageUnavailable leaves everything as it was),
+    then its row, faces and attempts. A worker still busy with it finds the row gone and removes
+    what it wrote (see draw_annotation)."""
+    keys = [image.original_key, image.annotated_key, storage.annotated_key(image.pk, "JPEG"),
+            storage.annotated_key(image.pk, "PNG")]
+    for key in dict.fromkeys(k for k in keys if k):
+        storage.delete(key)
+    image.delete()
+
+
+def purge_expired(limit=500):
+    """Retention: delete images older than RETENTION_DAYS, objects included. Returns how many."""
+    cutoff = timezone.now() - timedelta(days=settings.RETENTION_DAYS)
+    expired = list(Image.objects.filter(created_at__lt=cutoff).order_by("created_at")[:limit])
+    for image in expired:
+        delete(image)
+    return len(expired)
+
+
 def dispatch_due_callbacks(limit=200):
     """Queue the retries whose time has come. Long delays wait here, in the database, rather than
     as countdowns pinned in the broker."""

@@ -74,6 +74,8 @@ def draw_annotation(saved):
     key = storage.annotated_key(image.pk, output_format)
     storage.put(key, output)
     if not pipeline.finish(image, saved["token"], key):
+        if not Image.objects.filter(pk=image.pk).exists():
+            storage.delete(key)  # deleted while we drew: leave no orphan behind
         raise Ignore()
     return str(image.pk)
 
@@ -141,6 +143,12 @@ def on_pipeline_error(request, exc, traceback, image_id):
 def dispatch_due_callbacks():
     """Beat: queue callback retries whose delay has passed."""
     return pipeline.dispatch_due_callbacks()
+
+
+@shared_task
+def purge_expired_images():
+    """Beat: delete images past RETENTION_DAYS."""
+    return pipeline.purge_expired()
 
 
 @shared_task
