@@ -3,9 +3,13 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from api.metrics import metrics_view
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include("api.urls")),
+    # Prometheus scrapes this inside the network; do not route it from the internet.
+    path("metrics", metrics_view, name="metrics"),
 ]
 
 handler400 = "api.errors.json_400"

@@ -1,0 +1,78 @@
+"""GET /metrics in Prometheus format, computed from the database and the broker at scrape time.
+
+The database is the record of every job, so figures agree across any number of API and worker
+processes on any number of machines, with no multiprocess bookkeeping.
+"""
+
+from django.conf import settings
+from django.db import connection
+from django.db.models import Count
+from django.http import HttpResponse
+from kombu import Connection
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+
+from .models import Image
+
+# Seconds; detection is ~0.05-1 s per photo, end to end adds the queue wait.
+BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+QUEUES = ("detect", "callbacks")
+
+
+def _histogram(name, documentation, seconds_sql):
+    """A histogram over finished images, its buckets counted by PostgreSQL in one query."""
+    columns = ", ".join(f"count(*) filter (where {seconds_sql} <= %s)" for _ in BUCKETS)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"select {columns}, count(*), coalesce(sum({seconds_sql}), 0) from api_image "
+            f"where status = 'done' and finished_at is not null and detect_ms is not null",
+            BUCKETS,
+        )
+        *counts, total, total_sum = cursor.fetchone()
+    buckets = [(str(bound), count) for bound, count in zip(BUCKETS, counts, strict=True)] + [("+Inf", total)]
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=float(total_sum))
+
+
+class PlatformCollector:
+    def collect(self):
+        by_status = dict(Image.objects.values_list("status").annotate(n=Count("pk")).order_by())
+        images = GaugeMetricFamily("face_detect_images", "Images by pipeline status.", labels=["status"])
+        for status in Image.Status.values:
+            images.add_metric([status], by_status.get(status, 0))
+        yield images
+
+        submitted = GaugeMetricFamily("face_detect_images_submitted", "Images accepted and still retained.")
+        submitted.add_metric([], sum(by_status.values()))
+        yield submitted
+
+        in_flight = GaugeMetricFamily("face_detect_images_in_flight", "Images queued or processing.")
+        in_flight.add_metric([], by_status.get("queued", 0) + by_status.get("processing", 0))
+        yield in_flight
+
+        callbacks = GaugeMetricFamily("face_detect_callbacks", "Callback outcomes by status.", labels=["status"])
+        by_callback = dict(Image.objects.values_list("callback_status").annotate(n=Count("pk")).order_by())
+        for status in Image.CallbackStatus.values:
+            callbacks.add_metric([status], by_callback.get(status, 0))
+        yield callbacks
+
+        yield _histogram("face_detect_detection_seconds", "Detection time per image.", "detect_ms / 1000.0")
+        yield _histogram(
+            "face_detect_end_to_end_seconds", "From upload to done.", "extract(epoch from finished_at - created_at)"
+        )
+
+        depth = GaugeMetricFamily("face_detect_queue_depth", "Messages waiting in a RabbitMQ queue.", labels=["queue"])
+        try:
+            with Connection(settings.CELERY_BROKER_URL, connect_timeout=2) as conn:
+                channel = conn.channel()
+                for queue in QUEUES:
+                    _, messages, _ = channel.queue_declare(queue, passive=True)
+                    depth.add_metric([queue], messages)
+        except Exception:  # broker down or queue not declared yet: report what we have
+            pass
+        yield depth
+
+
+def metrics_view(request):
+    registry = CollectorRegistry()
+    registry.register(PlatformCollector())
+    return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
