@@ -41,4 +41,5 @@ run: db
 
 test: install-dev services
 	$(BIN)/python manage.py ensure_database
+	$(BIN)/python manage.py collectstatic --no-input -v 0
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -243,6 +243,7 @@ CELERY_TASK_ROUTES = {
     "workers.tasks.send_callback": {"queue": "callbacks"},
     "workers.tasks.dispatch_due_callbacks": {"queue": "callbacks"},
     "workers.tasks.sweep_images": {"queue": "callbacks"},
+    "workers.tasks.purge_expired_images": {"queue": "callbacks"},
 }
 # A publish the broker did not confirm raises, so the API knows the job is not yet enqueued.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
@@ -253,6 +254,7 @@ CELERY_WORKER_SEND_TASK_EVENTS = False
 CELERY_BEAT_SCHEDULE = {
     "dispatch-due-callbacks": {"task": "workers.tasks.dispatch_due_callbacks", "schedule": envfloat("CALLBACK_DISPATCH_INTERVAL", 1.0, 0.1)},
     "sweep-images": {"task": "workers.tasks.sweep_images", "schedule": envfloat("SWEEP_INTERVAL", 15.0, 0.5)},
+    "purge-expired-images": {"task": "workers.tasks.purge_expired_images", "schedule": 3600.0},
 }
 
 
@@ -316,6 +318,8 @@ PROCESSING_DEADLINE_SECONDS = envint("PROCESSING_DEADLINE_SECONDS", 300, minimum
 ENQUEUE_GRACE_SECONDS = envint("ENQUEUE_GRACE_SECONDS", 30, minimum=1)
 # After this many claims an image is failed as `poison` instead of looping.
 MAX_PIPELINE_ATTEMPTS = envint("MAX_PIPELINE_ATTEMPTS", 3, minimum=1)
+# Originals, annotated images and rows are deleted this many days after submission.
+RETENTION_DAYS = envint("RETENTION_DAYS", 30, minimum=1)
 
 
 # --- REST framework --------------------------------------------------------------------------
