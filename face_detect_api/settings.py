@@ -227,6 +227,9 @@ CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_RESULT_EXPIRES = 24 * 3600
+# Nothing reads task results (chains pass values in the messages and the database is the
+# record), so storing them would only make Redis a dependency of every job.
+CELERY_TASK_IGNORE_RESULT = True
 CELERY_RESULT_BACKEND_ALWAYS_RETRY = True
 CELERY_RESULT_BACKEND_MAX_RETRIES = 20
 # CPU-bound work: a message is acknowledged only once its task has finished, a task whose worker
@@ -249,7 +252,10 @@ CELERY_TASK_ROUTES = {
 CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
 CELERY_BROKER_CONNECTION_TIMEOUT = 2
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# The API gives up on a publish quickly (the row is the record and the sweeper re-sends it); a
+# worker handing a chain to its next step waits out a broker restart instead of failing the image.
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+WORKER_PUBLISH_RETRY_POLICY = {"max_retries": 60, "interval_start": 0.5, "interval_step": 0.5, "interval_max": 2}
 CELERY_WORKER_SEND_TASK_EVENTS = False
 CELERY_BEAT_SCHEDULE = {
     "dispatch-due-callbacks": {"task": "workers.tasks.dispatch_due_callbacks", "schedule": envfloat("CALLBACK_DISPATCH_INTERVAL", 1.0, 0.1)},

@@ -104,3 +104,13 @@ def wait_for(predicate, timeout=60, interval=0.2, message="condition"):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+
+
+@pytest.fixture
+def receiver():
+    """A real HTTP receiver for callbacks on 127.0.0.1."""
+    from tests.receiver import Receiver
+
+    server = Receiver()
+    yield server
+    server.close()

@@ -13,6 +13,13 @@ logger = logging.getLogger(__name__)
 _runs_detection = False
 
 
+@signals.celeryd_init.connect
+def _patient_publishing(conf=None, **kwargs):
+    from django.conf import settings
+
+    conf.task_publish_retry_policy = settings.WORKER_PUBLISH_RETRY_POLICY
+
+
 @signals.celeryd_after_setup.connect
 def _note_queues(sender, instance, **kwargs):
     global _runs_detection

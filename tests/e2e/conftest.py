@@ -2,14 +2,11 @@
 detector, a threaded `callbacks` worker, and beat, all against the test database, the session's
 RabbitMQ vhost and the S3 server. Started once for this package, stopped after it."""
 
-import json
 import os
 import signal
 import subprocess
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -81,53 +78,3 @@ def workers(django_db_setup, django_db_blocker, rabbit_vhost, s3_server):
         yield procs
     finally:
         procs.stop()
-
-
-class Receiver:
-    """A real HTTP server recording every callback; `script` sets the answers, path by path."""
-
-    def __init__(self, host="127.0.0.1"):
-        self.requests = []
-        self.script = {}
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                with receiver._lock:
-                    receiver.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                    answers = receiver.script.get(self.path)
-                    status = answers.pop(0) if answers else 200
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer((host, 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, path="/hook"):
-        host, port = self.server.server_address
-        return f"http://{host}:{port}{path}"
-
-    def received(self, path=None):
-        with self._lock:
-            return [r for r in self.requests if path is None or r["path"] == path]
-
-    def events(self, path=None):
-        return [json.loads(r["body"]) for r in self.received(path)]
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receiver():
-    server = Receiver()
-    yield server
-    server.close()

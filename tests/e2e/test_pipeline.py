@@ -117,7 +117,7 @@ def test_410_stops_delivery(workers, api, receiver):
 
 
 def test_a_receiver_on_a_blocked_address_is_never_contacted(workers, api):
-    from tests.e2e.conftest import Receiver
+    from tests.receiver import Receiver
 
     blocked = Receiver(host="127.0.0.2")  # loopback, outside CALLBACK_ALLOWED_NETWORKS (127.0.0.1/32)
     try:
