@@ -17,12 +17,20 @@ ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = Path(__file__).resolve().parent / "photos"
 
 
-from tests.testenv import RABBIT_VHOST, S3_PORT
+from tests.testenv import RABBIT_VHOST, S3_PORT, TEST_DATABASE
 
 
 def _rabbitmqctl(*args):
     env = dict(os.environ, ERL_EPMD_ADDRESS="127.0.0.1")
     return subprocess.run(["rabbitmqctl", *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings():
+    """The session's own test database (see tests/testenv.py)."""
+    from django.db import connections
+
+    connections["default"].settings_dict["TEST"]["NAME"] = TEST_DATABASE
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,6 +40,7 @@ def rabbit_vhost():
     result = _rabbitmqctl("set_permissions", "-p", RABBIT_VHOST, "guest", ".*", ".*", ".*")
     assert result.returncode == 0, result.stderr
     yield RABBIT_VHOST
+    _rabbitmqctl("delete_vhost", RABBIT_VHOST)
 
 
 @pytest.fixture(scope="session", autouse=True)

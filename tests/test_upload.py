@@ -115,23 +115,3 @@ def test_options_are_stored(api):
 
     image = Image.objects.get(pk=response.json()["id"])
     assert (image.min_face_size, image.min_confidence, image.annotation) == (40, 0.95, "blur")
-
-
-def test_an_upload_while_the_broker_is_down_is_still_accepted_and_left_for_the_sweeper(api, settings):
-    from face_detect_api.celery import app
-
-    original = app.conf.broker_url
-    app.conf.broker_url = "amqp://guest:guest@127.0.0.1:1//"
-    app.pool.force_close_all()
-    app._pool = None
-    try:
-        response = upload(api)
-    finally:
-        app.conf.broker_url = original
-        app._pool = None
-
-    assert response.status_code == 202
-    image = Image.objects.get(pk=response.json()["id"])
-    assert image.status == "queued"
-    assert image.enqueued_at is None  # the sweeper sends it once the broker is back
-    assert storage.exists(image.original_key)

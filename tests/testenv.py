@@ -1,11 +1,17 @@
 """The test session's environment, loaded as a pytest plugin (`-p tests.testenv`) so it is in
 place before pytest-django imports the settings."""
 
+import atexit
 import os
+import shutil
 import socket
 import tempfile
 
-RABBIT_VHOST = "face_detect_test"
+# Sessions on one machine (a developer's and a helper's, say) each get their own database and
+# vhost, so they can run side by side.
+SESSION = os.environ.get("TEST_SESSION") or str(os.getpid())
+RABBIT_VHOST = f"face_detect_test_{SESSION}"
+TEST_DATABASE = f"test_face_detect_{SESSION}"
 
 
 def free_port():
@@ -16,6 +22,7 @@ def free_port():
 
 S3_PORT = free_port()
 MEDIA_ROOT = tempfile.mkdtemp(prefix="face-detect-media-")
+atexit.register(shutil.rmtree, MEDIA_ROOT, ignore_errors=True)
 
 # Read by the settings when pytest-django sets Django up, and passed on to worker processes.
 TEST_ENV = {

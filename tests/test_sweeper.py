@@ -1,0 +1,112 @@
+"""The beat-driven recovery: images never enqueued, images stuck in processing, the attempt cap,
+and callback retries coming due."""
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+from kombu import Connection
+
+from api.models import Image
+from tests.conftest import upload
+from workers import pipeline
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def drain(queue_name):
+    from django.conf import settings
+
+    bodies = []
+    with Connection(settings.CELERY_BROKER_URL) as conn:
+        queue = conn.SimpleQueue(queue_name)
+        try:
+            while True:
+                message = queue.get(timeout=0.5)
+                bodies.append((message.headers["task"], message.payload[0], message.payload[1]))
+                message.ack()
+        except queue.Empty:
+            pass
+        finally:
+            queue.close()
+    return bodies
+
+
+@pytest.fixture(autouse=True)
+def _empty_queues():
+    drain("detect")
+    drain("callbacks")
+
+
+def accepted_image(api, **fields):
+    image = Image.objects.get(pk=upload(api).json()["id"])
+    drain("detect")
+    Image.objects.filter(pk=image.pk).update(**fields)
+    return Image.objects.get(pk=image.pk)
+
+
+def test_an_image_never_enqueued_is_sent_after_the_grace_period(api, settings):
+    settings.ENQUEUE_GRACE_SECONDS = 30
+    stale = accepted_image(api, enqueued_at=None, created_at=timezone.now() - timedelta(seconds=31))
+    fresh = accepted_image(api, enqueued_at=None)
+
+    assert pipeline.sweep() == 1
+
+    assert [args for _task, args, _kw in drain("detect")] == [[str(stale.pk)]]
+    assert Image.objects.get(pk=stale.pk).enqueued_at is not None
+    assert Image.objects.get(pk=fresh.pk).enqueued_at is None
+
+
+def test_an_image_stuck_in_processing_is_handed_to_another_worker(api, settings):
+    settings.PROCESSING_DEADLINE_SECONDS = 60
+    stuck = accepted_image(api, status="processing", task_id="gone-worker", attempts=1,
+                           started_at=timezone.now() - timedelta(seconds=61))
+    busy = accepted_image(api, status="processing", task_id="live-worker", attempts=1, started_at=timezone.now())
+
+    assert pipeline.sweep() == 1
+
+    stuck.refresh_from_db()
+    assert (stuck.status, stuck.task_id) == ("queued", "")
+    assert [args for _task, args, _kw in drain("detect")] == [[str(stuck.pk)]]
+    assert Image.objects.get(pk=busy.pk).status == "processing"
+
+
+def test_an_image_that_keeps_failing_its_worker_ends_as_poison(api, settings, receiver):
+    settings.PROCESSING_DEADLINE_SECONDS = 60
+    settings.MAX_PIPELINE_ATTEMPTS = 3
+    poison = accepted_image(api, status="processing", task_id="t", attempts=3, callback_url=receiver.url(),
+                            started_at=timezone.now() - timedelta(seconds=61))
+
+    pipeline.sweep()
+
+    poison.refresh_from_db()
+    assert (poison.status, poison.error_code) == ("failed", "poison")
+    assert poison.callback_status == "pending"
+    assert [(task, args) for task, args, _kw in drain("callbacks")] == [("workers.tasks.send_callback", [str(poison.pk)])]
+
+
+def test_a_claim_past_the_attempt_cap_fails_as_poison(api, settings):
+    settings.MAX_PIPELINE_ATTEMPTS = 2
+    image = accepted_image(api, status="processing", task_id="same-task", attempts=2)
+
+    with pytest.raises(pipeline.PipelineError) as raised:
+        pipeline.claim(image.pk, "same-task")  # the redelivered message of a worker that died again
+    assert raised.value.code == "poison"
+
+
+def test_a_claim_owned_by_another_task_is_refused(api):
+    image = accepted_image(api, status="processing", task_id="other-task", attempts=1)
+    assert pipeline.claim(image.pk, "my-task") is None
+
+
+def test_callback_retries_are_queued_when_due_and_only_once(api):
+    due = accepted_image(api, status="done", callback_url="http://127.0.0.1:9/h", callback_status="pending",
+                         callback_attempts=2, callback_event_id="msg_a", callback_next_attempt_at=timezone.now())
+    accepted_image(api, status="done", callback_url="http://127.0.0.1:9/h", callback_status="pending",
+                   callback_attempts=1, callback_event_id="msg_b",
+                   callback_next_attempt_at=timezone.now() + timedelta(minutes=5))
+
+    assert pipeline.dispatch_due_callbacks() == 1
+    assert pipeline.dispatch_due_callbacks() == 0  # leased: the next tick leaves it alone
+
+    assert drain("callbacks") == [("workers.tasks.send_callback", [str(due.pk)], {"attempt": 2})]
