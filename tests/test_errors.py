@@ -248,3 +248,22 @@ def test_an_unknown_route_answers_json(api):
     response = api.get("/api/v1/nowhere/")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
+
+
+def test_a_png_sent_with_a_jpeg_content_type_is_stored_as_what_it_is(api):
+    form = {"image": SimpleUploadedFile("photo.jpg", photo("skimage_astronaut.png"), content_type="image/jpeg")}
+    response = api.post("/api/v1/images/", form, format="multipart")
+    assert response.status_code == 202
+    assert Image.objects.get(pk=response.json()["id"]).format == "PNG"
+
+
+def test_an_empty_multipart_body_is_refused(api, nothing_stored):
+    response = api.generic("POST", "/api/v1/images/", b"", content_type="multipart/form-data; boundary=xyz")
+    assert_error(response, 400, "invalid_request")
+
+
+@pytest.mark.parametrize("field", ["request_id", "callback_url", "annotation", "min_face_size", "min_confidence"])
+@pytest.mark.parametrize("value", ["\x00", "a\x1bb", "\u202e\u0000", "\ud7ff\x7f"])
+def test_control_characters_are_refused_in_every_text_field(api, field, value, nothing_stored):
+    error = assert_error(upload(api, **{field: value}), 400, "invalid_request")
+    assert field in error["details"]["fields"]
