@@ -15,6 +15,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from api import storage
+from face_detect_api import logs
 from api.models import Face, Image
 
 logger = logging.getLogger(__name__)
@@ -57,9 +58,11 @@ def submit(client, data, inspected, options):
     request_id = options.get("request_id")
     existing = _existing(client, request_id, inspected.sha256)
     if existing is not None:
+        logs.bind(image_id=existing.pk, request_id=request_id)
         return existing, False
 
     image_id = uuid.uuid4()
+    logs.bind(image_id=image_id, request_id=request_id)
     key = storage.original_key(image_id, inspected.format)
     storage.put(key, data)
     try:

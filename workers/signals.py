@@ -6,6 +6,8 @@ import logging
 import numpy as np
 from celery import signals
 
+from face_detect_api import logs
+
 from . import detection  # sets TensorFlow's log level before anything imports it
 
 logger = logging.getLogger(__name__)
@@ -36,3 +38,20 @@ def _warm_up_detector(**kwargs):
         return
     detection.get_detector().detect(np.zeros((64, 64, 3), dtype=np.uint8))
     logger.info("detector ready")
+
+
+@signals.task_prerun.connect
+def _bind_job(task=None, args=None, kwargs=None, **extra):
+    """Every pipeline task's first argument is the image id, or a dict carrying it."""
+    logs.clear()
+    first = (args or [None])[0]
+    image_id = first.get("image_id") if isinstance(first, dict) else first
+    if isinstance(image_id, str):
+        logs.bind(image_id=image_id)
+    elif kwargs and "image_id" in kwargs:
+        logs.bind(image_id=kwargs["image_id"])
+
+
+@signals.task_postrun.connect
+def _unbind_job(**extra):
+    logs.clear()

@@ -194,3 +194,19 @@ def test_blur_masks_the_faces(workers, api):
         return ImageStat.Stat(img.crop(region).filter(ImageFilter.FIND_EDGES)).mean[0]
 
     assert edges(blurred) < edges(original) / 3
+
+
+def test_logs_are_json_lines_carrying_the_image_and_request_ids(workers, api):
+    import json
+
+    response = upload(api, "clm_audrey.jpg", request_id="traced-1")
+    image_id = response.json()["id"]
+    wait_for(lambda: Image.objects.get(pk=image_id).status == "done", timeout=60, message="done")
+
+    def lines_about_the_image():
+        lines = [json.loads(line) for line in workers.log("detect").splitlines() if line.startswith("{")]
+        return [line for line in lines if line.get("image_id") == image_id]
+
+    lines = wait_for(lines_about_the_image, timeout=10, message="log lines naming the image")
+    assert any("faces in" in line["message"] for line in lines)
+    assert {"time", "level", "logger", "message"} <= set(lines[0])
