@@ -366,5 +366,3 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
-# Workers log through the same handlers, in the same format, instead of Celery's own.
-CELERY_WORKER_HIJACK_ROOT_LOGGER = False

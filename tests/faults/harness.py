@@ -3,6 +3,8 @@ own, private servers that a test may stop, and the checks every fault test ends 
 
 import itertools
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -52,9 +54,15 @@ class Stack:
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stdout
 
+    def procfile(self, process, **env):
+        """The Procfile's command line for `process`, as `make run` and docker compose run it
+        (tests/test_deploy_files.py holds them equal), with its variables filled in."""
+        lines = dict(line.split(": ", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line.strip())
+        values = {**self.env, **env}
+        return [re.sub(r"\$(\w+)", lambda m: values[m.group(1)], word) for word in shlex.split(lines[process])]
+
     def start_api(self):
-        self._spawn("api", [str(BIN / "gunicorn"), "face_detect_api.wsgi:application", "--bind", f"127.0.0.1:{self.port}",
-                            "--workers", "2", "--no-control-socket", "--graceful-timeout", "5"])
+        self._spawn("api", self.procfile("api", GUNICORN_WORKERS="2"))
         wait_for(self._api_answers, timeout=60, message="the API")
 
     def _api_answers(self):
@@ -65,19 +73,19 @@ class Stack:
 
     def start_detect(self, name="detect", concurrency=2):
         marker_count = self.log(name).count("detector ready")
-        self._spawn(name, [str(BIN / "celery"), "-A", "face_detect_api", "worker", "-Q", "detect", "-n", f"{name}@%h",
-                           "-c", str(concurrency), "-O", "fair", "--without-gossip", "--without-mingle", "--loglevel", "INFO"])
+        argv = self.procfile("worker", WORKER_CONCURRENCY=str(concurrency))
+        argv[argv.index("detect@%h")] = f"{name}@%h"  # one node name per worker, as on separate machines
+        self._spawn(name, argv)
         self._wait_log(name, "detector ready", marker_count + concurrency)
 
     def start_callbacks(self):
-        self._spawn("callbacks", [str(BIN / "celery"), "-A", "face_detect_api", "worker", "-Q", "callbacks", "-n",
-                                  "callbacks@%h", "-P", "threads", "-c", "8", "--without-gossip", "--without-mingle",
-                                  "--loglevel", "INFO"])
+        self._spawn("callbacks", self.procfile("callbacks"))
         self._wait_log("callbacks", " ready.", 1)
 
     def start_beat(self):
-        self._spawn("beat", [str(BIN / "celery"), "-A", "face_detect_api", "beat", "-s",
-                             str(self.logdir / "beat-schedule"), "--loglevel", "INFO"])
+        argv = self.procfile("beat")
+        argv[argv.index("run/celerybeat-schedule")] = str(self.logdir / "beat-schedule")
+        self._spawn("beat", argv)
 
     def start_all(self):
         self.start_api()
