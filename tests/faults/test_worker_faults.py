@@ -55,7 +55,8 @@ def test_a_worker_stopped_with_sigterm_finishes_its_images_and_leaves_the_rest_q
     stack.start_all()
     accepted = stack.submit_batch(stack.create_client(), receiver, count=24)
 
-    wait_for(lambda: processing(db, accepted), timeout=60, interval=0.05, message="an image in detection")
+    wait_for(lambda: finished(db, accepted) >= 2 and processing(db, accepted), timeout=90, interval=0.05,
+             message="the batch under way")
     stack.kill("detect", signal.SIGTERM, wait=60)  # warm shutdown: the tasks in hand are finished
     assert "warm shutdown" in stack.log("detect").lower()
     assert stack.procs["detect"].returncode == 0
