@@ -8,7 +8,7 @@ from django.utils.html import format_html
 from workers import pipeline
 
 from . import storage
-from .models import CallbackAttempt, Client, Face, Image
+from .models import Batch, CallbackAttempt, Client, Face, Image
 
 
 @admin.register(Client)
@@ -60,7 +60,7 @@ class ImageAdmin(admin.ModelAdmin):
     inlines = [FaceInline, CallbackAttemptInline]
     actions = ["rerun_pipeline", "resend_callback"]
     readonly_fields = [
-        "id", "client", "request_id", "status", "error_code", "error_message", "preview",
+        "id", "client", "batch", "request_id", "source_url", "status", "error_code", "error_message", "preview",
         "width", "height", "format", "size_bytes", "sha256", "original_key", "annotated_key",
         "min_face_size", "min_confidence", "annotation", "face_count", "attempts",
         "created_at", "enqueued_at", "started_at", "finished_at", "detect_ms",
@@ -99,3 +99,34 @@ class ImageAdmin(admin.ModelAdmin):
     def resend_callback(self, request, queryset):
         count = sum(pipeline.resend_callback(image.pk) for image in queryset)
         self.message_user(request, f"{count} callback(s) queued (finished images with a callback URL only).", messages.SUCCESS)
+
+
+class BatchImageInline(admin.TabularInline):
+    model = Image
+    fields = ["id", "status", "face_count", "error_code", "callback_status"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Batch)
+class BatchAdmin(admin.ModelAdmin):
+    list_display = ["id", "status", "client", "image_count", "callback_status", "created_at", "finished_at"]
+    list_filter = ["status", "callback_status", "client"]
+    search_fields = ["=id"]
+    list_select_related = ["client"]
+    inlines = [BatchImageInline, CallbackAttemptInline]
+    readonly_fields = ["id", "client", "status", "created_at", "finished_at", "callback_url", "callback_status",
+                       "callback_event_id", "callback_attempts", "callback_last_status_code", "callback_next_attempt_at"]
+    fields = readonly_fields
+
+    def has_add_permission(self, request):
+        return False
+
+    @admin.display(description="images")
+    def image_count(self, batch):
+        return batch.images.count()

@@ -44,13 +44,66 @@ class Client(models.Model):
         return base64.b64decode(self.webhook_secret.removeprefix("whsec_"))
 
 
-class Image(models.Model):
+class CallbackStatus(models.TextChoices):
+    NONE = "none"
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class CallbackState(models.Model):
+    """Where a callback event stands: the same for an image's and a batch's events."""
+
+    CallbackStatus = CallbackStatus
+
+    callback_url = models.URLField(max_length=2000, blank=True, default="")
+    callback_status = models.CharField(max_length=10, choices=CallbackStatus.choices, default=CallbackStatus.NONE)
+    # Identifies the current event (webhook-id): the same on every retry, new on a re-run.
+    callback_event_id = models.CharField(max_length=64, blank=True, default="")
+    callback_attempts = models.PositiveSmallIntegerField(default=0)
+    callback_last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    callback_next_attempt_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        abstract = True
+
+
+class Batch(CallbackState):
+    """Several images submitted together; one `batch.done` event once every one has ended.
+
+    Status transitions: open -> done (compare-and-set, by whichever image ends last).
+    """
+
+    class Status(models.TextChoices):
+        OPEN = "open"
+        DONE = "done"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    client = models.ForeignKey(Client, on_delete=models.CASCADE, related_name="batches")
+    status = models.CharField(max_length=6, choices=Status.choices, default=Status.OPEN)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["callback_status", "callback_next_attempt_at"], name="batch_callback_due")]
+        verbose_name_plural = "batches"
+
+    def __str__(self):
+        return str(self.id)
+
+    event_type = "batch.done"
+
+
+class Image(CallbackState):
     """One submitted photo and its journey through the pipeline.
 
     Status transitions, each made by a compare-and-set update:
       queued -> processing       a worker claims it (detect_faces)
       processing -> done         the annotated image is stored (draw_annotation)
       queued|processing -> failed   a permanent error, or the attempt cap (`poison`)
+    An image submitted by URL has no stored original until `fetch_original` stores it (then
+    width, height, format and sha256 are known too).
       processing -> queued       the sweeper reclaims an image whose worker vanished
       done|failed -> queued      an operator re-runs the pipeline from the admin
     """
@@ -66,23 +119,19 @@ class Image(models.Model):
         BLUR = "blur"
         PIXELATE = "pixelate"
 
-    class CallbackStatus(models.TextChoices):
-        NONE = "none"
-        PENDING = "pending"
-        DELIVERED = "delivered"
-        FAILED = "failed"
-
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     client = models.ForeignKey(Client, on_delete=models.CASCADE, related_name="images")
+    batch = models.ForeignKey(Batch, on_delete=models.SET_NULL, null=True, blank=True, related_name="images")
     request_id = models.CharField(max_length=128, null=True, blank=True)
+    source_url = models.URLField(max_length=2000, blank=True, default="")
 
-    original_key = models.CharField(max_length=200)
+    original_key = models.CharField(max_length=200, blank=True, default="")
     annotated_key = models.CharField(max_length=200, blank=True, default="")
-    sha256 = models.CharField(max_length=64)
-    size_bytes = models.PositiveIntegerField()
-    format = models.CharField(max_length=10)
-    width = models.PositiveIntegerField()
-    height = models.PositiveIntegerField()
+    sha256 = models.CharField(max_length=64, blank=True, default="")
+    size_bytes = models.PositiveIntegerField(null=True, blank=True)
+    format = models.CharField(max_length=10, blank=True, default="")
+    width = models.PositiveIntegerField(null=True, blank=True)
+    height = models.PositiveIntegerField(null=True, blank=True)
 
     min_face_size = models.PositiveIntegerField(default=20)
     min_confidence = models.FloatField(default=0.9)
@@ -102,14 +151,6 @@ class Image(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     detect_ms = models.PositiveIntegerField(null=True, blank=True)
-
-    callback_url = models.URLField(max_length=2000, blank=True, default="")
-    callback_status = models.CharField(max_length=10, choices=CallbackStatus.choices, default=CallbackStatus.NONE)
-    # Identifies the current event (webhook-id): the same on every retry, new on a re-run.
-    callback_event_id = models.CharField(max_length=64, blank=True, default="")
-    callback_attempts = models.PositiveSmallIntegerField(default=0)
-    callback_last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
-    callback_next_attempt_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -180,9 +221,10 @@ class Face(models.Model):
 
 
 class CallbackAttempt(models.Model):
-    """One POST to an integrator's callback URL, whatever came of it."""
+    """One POST to an integrator's callback URL, whatever came of it: an image's event or a batch's."""
 
-    image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="callback_attempts_log")
+    image = models.ForeignKey(Image, on_delete=models.CASCADE, null=True, related_name="callback_attempts_log")
+    batch = models.ForeignKey(Batch, on_delete=models.CASCADE, null=True, related_name="callback_attempts_log")
     event_id = models.CharField(max_length=64)
     number = models.PositiveSmallIntegerField()
     attempted_at = models.DateTimeField(default=timezone.now)
@@ -191,7 +233,13 @@ class CallbackAttempt(models.Model):
     error = models.TextField(blank=True, default="")
 
     class Meta:
-        ordering = ["image", "attempted_at"]
+        ordering = ["attempted_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(image__isnull=False, batch__isnull=True) | Q(image__isnull=True, batch__isnull=False),
+                name="attempt_for_an_image_or_a_batch",
+            ),
+        ]
 
     def __str__(self):
-        return f"attempt {self.number} for {self.image_id}"
+        return f"attempt {self.number} for {self.image_id or self.batch_id}"

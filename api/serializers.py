@@ -6,10 +6,10 @@ from django.conf import settings
 from rest_framework import serializers
 from rest_framework.reverse import reverse
 
-from workers.callbacks import BlockedAddress, check_callback_url
+from workers.callbacks import BlockedAddress, check_url
 
 from . import errors
-from .models import Image
+from .models import Batch, Image
 
 KEYPOINTS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 
@@ -20,12 +20,23 @@ def _no_control_characters(value):
     return value
 
 
-class ImageUploadSerializer(serializers.Serializer):
-    """The multipart form of POST /api/v1/images/. The image bytes are inspected in the view."""
+def _checked_url(value, field, code="invalid_request"):
+    """An http(s) URL whose host resolves only to addresses the platform may reach."""
+    try:
+        check_url(value)
+    except (ValueError, BlockedAddress) as error:
+        raise errors.ApiError(400, code, f"{field} is refused: {error}", {"field": field}) from None
+    return value
 
-    image = serializers.FileField(allow_empty_file=True)
-    request_id = serializers.CharField(max_length=128, required=False, allow_blank=False, validators=[_no_control_characters])
-    callback_url = serializers.CharField(max_length=2000, required=False, allow_blank=False, validators=[_no_control_characters])
+
+def _text(max_length):
+    return serializers.CharField(max_length=max_length, required=False, allow_blank=False,
+                                 validators=[_no_control_characters])
+
+
+class OptionsSerializer(serializers.Serializer):
+    """Detection options, the same for a single image and a batch."""
+
     min_face_size = serializers.IntegerField(min_value=1, max_value=10000, default=20)
     min_confidence = serializers.FloatField(min_value=0.0, max_value=1.0, default=0.9)
     annotation = serializers.ChoiceField(choices=Image.Annotation.choices, default=Image.Annotation.BOXES)
@@ -35,12 +46,52 @@ class ImageUploadSerializer(serializers.Serializer):
             raise serializers.ValidationError("must be a number between 0 and 1")
         return value
 
+
+class ImageUploadSerializer(OptionsSerializer):
+    """POST /api/v1/images/: a file (multipart) or an `image_url` to fetch. The bytes of a file
+    are inspected in the view; a URL's are inspected by the worker that fetches them."""
+
+    image = serializers.FileField(required=False, allow_empty_file=True)
+    image_url = _text(2000)
+    request_id = _text(128)
+    callback_url = _text(2000)
+
+    def validate_image_url(self, value):
+        return _checked_url(value, "image_url")
+
     def validate_callback_url(self, value):
-        try:
-            check_callback_url(value)
-        except (ValueError, BlockedAddress) as error:
-            raise errors.ApiError(400, "invalid_callback_url", f"callback_url is refused: {error}", {"field": "callback_url"})
-        return value
+        return _checked_url(value, "callback_url", "invalid_callback_url")
+
+    def validate(self, attrs):
+        if ("image" in attrs) == ("image_url" in attrs):
+            raise serializers.ValidationError({"image": "send either an image file or an image_url, not both"})
+        return attrs
+
+
+class BatchSubmitSerializer(OptionsSerializer):
+    """POST /api/v1/batches/: several `images` (multipart parts) and/or `image_urls`."""
+
+    images = serializers.ListField(child=serializers.FileField(allow_empty_file=True), required=False)
+    image_urls = serializers.ListField(child=_text(2000), required=False)
+    callback_url = _text(2000)
+    image_callback_url = _text(2000)
+
+    def validate_image_urls(self, urls):
+        return [_checked_url(url, "image_urls") for url in urls]
+
+    def validate_callback_url(self, value):
+        return _checked_url(value, "callback_url", "invalid_callback_url")
+
+    def validate_image_callback_url(self, value):
+        return _checked_url(value, "image_callback_url", "invalid_callback_url")
+
+    def validate(self, attrs):
+        count = len(attrs.get("images", [])) + len(attrs.get("image_urls", []))
+        if count == 0:
+            raise serializers.ValidationError({"images": "send at least one image or image_url"})
+        if count > settings.MAX_BATCH_IMAGES:
+            raise serializers.ValidationError({"images": f"at most {settings.MAX_BATCH_IMAGES} images a batch"})
+        return attrs
 
 
 class FaceSerializer(serializers.Serializer):
@@ -62,11 +113,12 @@ class ImageSerializer(serializers.ModelSerializer):
     annotated_url = serializers.SerializerMethodField()
     callback = serializers.SerializerMethodField()
     timings_ms = serializers.ReadOnlyField()
+    image_url = serializers.SerializerMethodField()
 
     class Meta:
         model = Image
         fields = [
-            "id", "request_id", "status", "error", "width", "height", "face_count", "faces", "annotation",
+            "id", "request_id", "status", "error", "image_url", "batch", "width", "height", "face_count", "faces", "annotation",
             "min_face_size", "min_confidence", "original_url", "annotated_url", "callback",
             "created_at", "started_at", "finished_at", "timings_ms",
         ]
@@ -78,6 +130,9 @@ class ImageSerializer(serializers.ModelSerializer):
         if image.status != Image.Status.FAILED:
             return None
         return {"code": image.error_code, "message": image.error_message}
+
+    def get_image_url(self, image):
+        return image.source_url or None
 
     def get_face_count(self, image):
         return image.face_count if self._done(image) else None
@@ -96,17 +151,49 @@ class ImageSerializer(serializers.ModelSerializer):
         return self._url("image-annotated", image)
 
     def get_callback(self, image):
-        if not image.callback_url:
-            return None
-        return {
-            "url": image.callback_url,
-            "status": image.callback_status,
-            "attempts": image.callback_attempts,
-            "last_status_code": image.callback_last_status_code,
-        }
+        return callback_state(image)
 
     def _url(self, name, image):
         """Absolute URL: from the request in the API, from PUBLIC_BASE_URL in a callback."""
         request = self.context.get("request")
         path = reverse(name, args=[image.pk])
         return request.build_absolute_uri(path) if request else settings.PUBLIC_BASE_URL + path
+
+
+def callback_state(target):
+    """The `callback` object of an image or a batch resource."""
+    if not target.callback_url:
+        return None
+    return {
+        "url": target.callback_url,
+        "status": target.callback_status,
+        "attempts": target.callback_attempts,
+        "last_status_code": target.callback_last_status_code,
+    }
+
+
+class BatchSerializer(serializers.ModelSerializer):
+    """The batch resource: counts by status and every image's own resource."""
+
+    counts = serializers.SerializerMethodField()
+    images = serializers.SerializerMethodField()
+    callback = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Batch
+        fields = ["id", "status", "counts", "images", "callback", "created_at", "finished_at"]
+
+    def _images(self, batch):
+        return sorted(batch.images.all(), key=lambda image: image.created_at)
+
+    def get_counts(self, batch):
+        counts = dict.fromkeys(Image.Status.values, 0)
+        for image in self._images(batch):
+            counts[image.status] += 1
+        return {"total": sum(counts.values()), **counts}
+
+    def get_images(self, batch):
+        return ImageSerializer(self._images(batch), many=True, context=self.context).data
+
+    def get_callback(self, batch):
+        return callback_state(batch)

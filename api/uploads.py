@@ -78,17 +78,26 @@ def inspect_image(data):
 
 
 class LimitedUploadHandler(FileUploadHandler):
-    """Stops reading an upload once it passes MAX_UPLOAD_BYTES, even when the client declared no
-    Content-Length (chunked): nothing oversized is ever buffered or written to disk."""
+    """Stops reading a request once a file passes MAX_UPLOAD_BYTES or all files MAX_BATCH_BYTES,
+    even when the client declared no Content-Length (chunked): nothing oversized is ever buffered
+    or written to disk."""
 
     def __init__(self, request=None):
         super().__init__(request)
         self.received = 0
+        self.received_in_file = 0
+
+    def new_file(self, *args, **kwargs):
+        super().new_file(*args, **kwargs)
+        self.received_in_file = 0
 
     def receive_data_chunk(self, raw_data, start):
         self.received += len(raw_data)
-        if self.received > settings.MAX_UPLOAD_BYTES:
+        self.received_in_file += len(raw_data)
+        if self.received_in_file > settings.MAX_UPLOAD_BYTES:
             raise errors.image_too_large(f"The image is larger than {settings.MAX_UPLOAD_BYTES} bytes.")
+        if self.received > settings.MAX_BATCH_BYTES:
+            raise errors.image_too_large(f"The request is larger than {settings.MAX_BATCH_BYTES} bytes.")
         return raw_data
 
     def file_complete(self, file_size):

@@ -7,6 +7,7 @@ from . import views
 
 router = SimpleRouter()
 router.register("images", views.ImageViewSet, basename="image")
+router.register("batches", views.BatchViewSet, basename="batch")
 
 # The SPEC names the downloads without a trailing slash; one is tolerated.
 IMAGE = rf"^images/(?P<pk>{views.UUID_PATTERN})"

@@ -14,8 +14,8 @@ from rest_framework.views import APIView
 from workers import pipeline
 
 from . import errors, storage
-from .models import Image
-from .serializers import ImageSerializer, ImageUploadSerializer
+from .models import Batch, Image
+from .serializers import BatchSerializer, BatchSubmitSerializer, ImageSerializer, ImageUploadSerializer
 from .uploads import inspect_image
 
 logger = logging.getLogger(__name__)
@@ -62,14 +62,14 @@ class ImageViewSet(
         form = ImageUploadSerializer(data=request.data)
         form.is_valid(raise_exception=True)
         options = dict(form.validated_data)
-        upload = options.pop("image")
-        if upload.size > settings.MAX_UPLOAD_BYTES:
-            raise errors.image_too_large(f"The image is larger than {settings.MAX_UPLOAD_BYTES} bytes.")
-        data = upload.read()
-        inspected = inspect_image(data)
+        upload, url = options.pop("image", None), options.pop("image_url", None)
+        data = inspected = None
+        if upload:
+            data = _read(upload)
+            inspected = inspect_image(data)
 
         try:
-            image, created = pipeline.submit(request.user, data, inspected, options)
+            image, created = pipeline.submit(request.user, options, data=data, inspected=inspected, url=url)
         except pipeline.RequestIdConflict:
             raise errors.conflict("This request_id was already used with a different image.") from None
         except storage.StorageUnavailable:
@@ -97,6 +97,49 @@ class ImageViewSet(
             raise errors.not_ready("The annotated image is not ready yet.")
         content_type = "image/png" if image.annotated_key.endswith(".png") else "image/jpeg"
         return _download(image.annotated_key, content_type)
+
+
+def _read(upload):
+    if upload.size > settings.MAX_UPLOAD_BYTES:
+        raise errors.image_too_large(f"The image is larger than {settings.MAX_UPLOAD_BYTES} bytes.")
+    return upload.read()
+
+
+class BatchViewSet(mixins.CreateModelMixin, mixins.RetrieveModelMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
+    """Submit several images at once and follow them together."""
+
+    serializer_class = BatchSerializer
+    lookup_value_regex = UUID_PATTERN
+
+    def get_queryset(self):
+        return Batch.objects.filter(client=self.request.user).prefetch_related("images__faces")
+
+    def create(self, request, *args, **kwargs):
+        declared = request.META.get("CONTENT_LENGTH") or "0"
+        if declared.isdigit() and int(declared) > settings.MAX_BATCH_BYTES + MULTIPART_OVERHEAD:
+            raise errors.image_too_large(f"The request is larger than {settings.MAX_BATCH_BYTES} bytes.")
+        form = BatchSubmitSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        options = dict(form.validated_data)
+        uploads = []
+        for index, upload in enumerate(options.pop("images", [])):
+            data = _read(upload)
+            try:
+                uploads.append((data, inspect_image(data)))
+            except errors.ApiError as error:
+                error.details = {**error.details, "field": "images", "index": index}
+                raise
+        try:
+            batch = pipeline.submit_batch(
+                request.user, options, uploads=uploads, urls=options.pop("image_urls", []),
+                callback_url=options.pop("callback_url", ""), image_callback_url=options.pop("image_callback_url", ""),
+            )
+        except storage.StorageUnavailable:
+            logger.warning("batch refused: storage unavailable", exc_info=True)
+            raise errors.service_unavailable("Storage is unavailable; nothing was accepted. Try again.") from None
+        batch = self.get_queryset().get(pk=batch.pk)
+        location = request.build_absolute_uri(reverse("batch-detail", args=[batch.pk]))
+        return Response(self.get_serializer(batch).data, status=status.HTTP_202_ACCEPTED, headers={"Location": location})
 
 
 def body_url(request, image):

@@ -245,6 +245,7 @@ CELERY_WORKER_MAX_MEMORY_PER_CHILD = WORKER_MAX_MEMORY_PER_CHILD_MB * 1024
 CELERY_TASK_DEFAULT_QUEUE = "detect"
 CELERY_TASK_ROUTES = {
     "workers.tasks.send_callback": {"queue": "callbacks"},
+    "workers.tasks.send_batch_callback": {"queue": "callbacks"},
     "workers.tasks.dispatch_due_callbacks": {"queue": "callbacks"},
     "workers.tasks.sweep_images": {"queue": "callbacks"},
     "workers.tasks.purge_expired_images": {"queue": "callbacks"},
@@ -296,6 +297,10 @@ MIN_IMAGE_SIDE = 12
 DATA_UPLOAD_MAX_MEMORY_SIZE = 64 * 1024
 DATA_UPLOAD_MAX_NUMBER_FIELDS = 20
 FILE_UPLOAD_MAX_MEMORY_SIZE = 4 * 1024 * 1024
+# Images submitted by URL are fetched by a worker within this many seconds, under MAX_UPLOAD_BYTES.
+FETCH_TIMEOUT = envfloat("FETCH_TIMEOUT", 20.0, minimum=1)
+MAX_BATCH_IMAGES = envint("MAX_BATCH_IMAGES", 50, minimum=1, maximum=1000)
+MAX_BATCH_BYTES = envint("MAX_BATCH_BYTES", 100 * 1024 * 1024, minimum=1)
 FILE_UPLOAD_HANDLERS = [
     "api.uploads.LimitedUploadHandler",
     "django.core.files.uploadhandler.MemoryFileUploadHandler",

@@ -69,7 +69,7 @@ def test_allowed_networks_open_a_private_range(settings):
 def test_localhost_is_refused_without_an_allowance(settings):
     settings.CALLBACK_ALLOWED_NETWORKS = []
     with pytest.raises(callbacks.BlockedAddress):
-        callbacks.check_callback_url("http://localhost:8000/hook")
+        callbacks.check_url("http://localhost:8000/hook")
 
 
 def test_a_name_resolving_to_any_blocked_address_is_refused(settings, monkeypatch):
@@ -78,7 +78,7 @@ def test_a_name_resolving_to_any_blocked_address_is_refused(settings, monkeypatc
                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.1", 80))]
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: answers)
     with pytest.raises(callbacks.BlockedAddress):
-        callbacks.check_callback_url("http://mixed.example/hook")
+        callbacks.check_url("http://mixed.example/hook")
 
 
 class _Recorder(BaseHTTPRequestHandler):
@@ -122,7 +122,7 @@ def test_dns_rebinding_is_caught_at_connect_time(settings, monkeypatch, local_se
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
     url = f"http://rebind.example:{local_server}/hook"
 
-    callbacks.check_callback_url(url)  # submission: public, accepted
+    callbacks.check_url(url)  # submission: public, accepted
     result = callbacks.deliver(callbacks.guarded_session(), url, b"key", "msg_x", b"{}")
 
     assert result.status_code is None

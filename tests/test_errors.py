@@ -90,7 +90,7 @@ def test_another_clients_image_is_not_found_on_every_endpoint(api, client_factor
     for path in ("", "original", "annotated"):
         assert_error(stranger.get(f"/api/v1/images/{image_id}/{path}"), 404, "not_found")
     assert stranger.get("/api/v1/images/").json()["count"] == 0
-    assert stranger.get(f"/api/v1/images/?request_id=&status=queued").json()["count"] == 0
+    assert stranger.get("/api/v1/images/?request_id=&status=queued").json()["count"] == 0
 
 
 def test_an_unknown_or_malformed_id_is_not_found(api):

@@ -48,7 +48,9 @@ def assert_well_formed(response):
     ),
 )
 def test_uploads_never_cause_a_server_error(api, data, filename, fields):
-    upload = SimpleUploadedFile(filename.replace("\x00", "") or "x", data)
+    # The test client itself refuses names that are not a plain file name; the server gets the rest.
+    name = filename.replace("\x00", "").replace("/", "_").replace("\\", "_").strip()
+    upload = SimpleUploadedFile(name if name not in ("", ".", "..") else "x", data)
     assert_well_formed(api.post("/api/v1/images/", {"image": upload, **fields}, format="multipart"))
 
 

@@ -9,7 +9,7 @@ from kombu import Connection
 
 from api.models import Image
 from tests.conftest import upload
-from workers import pipeline
+from workers import events, pipeline
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -106,7 +106,7 @@ def test_callback_retries_are_queued_when_due_and_only_once(api):
                    callback_attempts=1, callback_event_id="msg_b",
                    callback_next_attempt_at=timezone.now() + timedelta(minutes=5))
 
-    assert pipeline.dispatch_due_callbacks() == 1
-    assert pipeline.dispatch_due_callbacks() == 0  # leased: the next tick leaves it alone
+    assert events.dispatch_due() == 1
+    assert events.dispatch_due() == 0  # leased: the next tick leaves it alone
 
     assert drain("callbacks") == [("workers.tasks.send_callback", [str(due.pk)], {"attempt": 2})]

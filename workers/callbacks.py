@@ -49,7 +49,7 @@ def resolve_allowed(host, port):
     return family, sockaddr
 
 
-def check_callback_url(url):
+def check_url(url):
     """Raise BlockedAddress (or ValueError for a malformed URL) unless the URL may receive callbacks."""
     parts = urlsplit(url)
     if parts.scheme not in ALLOWED_SCHEMES:
@@ -152,7 +152,7 @@ def deliver(session, url, key, msg_id, body):
         return DeliveryResult(response.status_code, _elapsed_ms(started), "")
     except requests.exceptions.ConnectionError as error:
         reason = error.args[0] if error.args else error
-        blocked = _find_blocked(error)
+        blocked = find_blocked(error)
         message = f"blocked: {blocked}" if blocked else f"connection failed: {reason}"
         return DeliveryResult(None, _elapsed_ms(started), message[:1000])
     except requests.exceptions.Timeout:
@@ -161,7 +161,7 @@ def deliver(session, url, key, msg_id, body):
         return DeliveryResult(None, _elapsed_ms(started), f"{type(error).__name__}: {error}"[:1000])
 
 
-def _find_blocked(error):
+def find_blocked(error):
     """Walk the exception chain for a BlockedAddress raised at connect time."""
     seen = set()
     while error is not None and id(error) not in seen:
@@ -170,7 +170,7 @@ def _find_blocked(error):
             return error
         for arg in getattr(error, "args", ()):
             if isinstance(arg, BaseException):
-                found = _find_blocked(arg)
+                found = find_blocked(arg)
                 if found:
                     return found
         error = getattr(error, "reason", None) or error.__cause__ or error.__context__

@@ -15,15 +15,15 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from api import storage
+from api.models import Batch, CallbackStatus, Face, Image
 from face_detect_api import logs
-from api.models import Face, Image
+
+from . import events
 
 logger = logging.getLogger(__name__)
 
 Status = Image.Status
-CallbackStatus = Image.CallbackStatus
-# How long a callback attempt may take before the dispatcher assumes its sender died.
-CALLBACK_LEASE_SECONDS = 60
+TERMINAL = (Status.DONE, Status.FAILED)
 
 
 class PipelineError(Exception):
@@ -37,53 +37,95 @@ class PipelineError(Exception):
 
 
 class RequestIdConflict(Exception):
-    """The client already used this request_id for different bytes."""
+    """The client already used this request_id for a different image."""
 
 
-def _existing(client, request_id, sha256):
+def _existing(client, request_id, sha256="", source_url=""):
+    """The image this client already submitted under request_id, if it is the same one."""
     if not request_id:
         return None
     image = Image.objects.filter(client=client, request_id=request_id).first()
-    if image is not None and image.sha256 != sha256:
+    if image is None:
+        return None
+    # A URL submission is the same image if the URL is; an upload if the bytes are.
+    same = image.source_url == source_url if source_url else (not image.source_url and image.sha256 == sha256)
+    if not same:
         raise RequestIdConflict(request_id)
+    logs.bind(image_id=image.pk, request_id=request_id)
     return image
 
 
-def submit(client, data, inspected, options):
-    """Accept an upload: store the original, commit the row, enqueue after the commit.
-
-    Returns (image, created). The same request_id with the same bytes returns the existing image
-    and starts nothing. If anything fails before the commit, the stored object is removed again.
-    """
-    request_id = options.get("request_id")
-    existing = _existing(client, request_id, inspected.sha256)
-    if existing is not None:
-        logs.bind(image_id=existing.pk, request_id=request_id)
-        return existing, False
-
+def _store(data, inspected):
+    """Store an upload's bytes under a new image id; returns the id and the fields of its row."""
     image_id = uuid.uuid4()
-    logs.bind(image_id=image_id, request_id=request_id)
     key = storage.original_key(image_id, inspected.format)
     storage.put(key, data)
+    return image_id, {
+        "original_key": key, "sha256": inspected.sha256, "size_bytes": inspected.size_bytes,
+        "format": inspected.format, "width": inspected.width, "height": inspected.height,
+    }
+
+
+def _create(rows, batch_fields=None):
+    """Insert the images (and their batch) in one transaction; enqueue them once it commits.
+    If anything fails, the objects already stored for them are removed again."""
     try:
         with transaction.atomic():
-            image = Image.objects.create(
-                id=image_id, client=client, original_key=key, sha256=inspected.sha256,
-                size_bytes=inspected.size_bytes, format=inspected.format,
-                width=inspected.width, height=inspected.height, **options,
-            )
-            transaction.on_commit(lambda: enqueue(image_id))
+            batch = Batch.objects.create(**batch_fields) if batch_fields is not None else None
+            images = Image.objects.bulk_create(Image(batch=batch, **row) for row in rows)
+            ids = [image.pk for image in images]
+            transaction.on_commit(lambda: [enqueue(image_id) for image_id in ids])
+    except BaseException:
+        for row in rows:
+            if row.get("original_key"):
+                _discard(row["original_key"])
+        raise
+    return batch, images
+
+
+def submit(client, options, data=None, inspected=None, url=None):
+    """Accept one image, uploaded (`data`, `inspected`) or by `url` (fetched by a worker).
+
+    Returns (image, created). The same request_id for the same image returns the existing one and
+    starts nothing; for another image, RequestIdConflict. Nothing half-written survives a failure.
+    """
+    request_id = options.get("request_id")
+    sha256 = inspected.sha256 if inspected else ""
+    existing = _existing(client, request_id, sha256=sha256, source_url=url or "")
+    if existing is not None:
+        return existing, False
+
+    if url:
+        image_id, row = uuid.uuid4(), {"source_url": url}
+    else:
+        image_id, row = _store(data, inspected)
+    logs.bind(image_id=image_id, request_id=request_id)
+    try:
+        _, (image,) = _create([{"id": image_id, "client": client, **row, **options}])
     except IntegrityError:
         # A concurrent request with the same request_id committed first.
-        _discard(key)
-        existing = _existing(client, request_id, inspected.sha256)
+        existing = _existing(client, request_id, sha256=sha256, source_url=url or "")
         if existing is None:
             raise
         return existing, False
-    except BaseException:
-        _discard(key)
-        raise
     return image, True
+
+
+def submit_batch(client, options, uploads=(), urls=(), callback_url="", image_callback_url=""):
+    """Accept several images at once: all of them or none. `uploads` are (data, inspected) pairs."""
+    rows = []
+    try:
+        for data, inspected in uploads:
+            image_id, row = _store(data, inspected)
+            rows.append({"id": image_id, **row})
+    except BaseException:
+        for row in rows:
+            _discard(row["original_key"])
+        raise
+    rows += [{"id": uuid.uuid4(), "source_url": url} for url in urls]
+    common = {"client": client, "callback_url": image_callback_url, **options}
+    batch, _ = _create([{**row, **common} for row in rows], {"client": client, "callback_url": callback_url})
+    return batch
 
 
 def _discard(key):
@@ -94,24 +136,33 @@ def _discard(key):
         logger.error("could not remove orphaned object %s", key, exc_info=True)
 
 
-def build(image_id):
-    """detect -> save faces -> draw -> callback, with one errback that fails the image."""
+def store_fetched(image_id, data, inspected):
+    """Keep the original a worker fetched for a URL submission (once: a redelivery finds it)."""
+    key = storage.original_key(image_id, inspected.format)
+    storage.put(key, data)
+    Image.objects.filter(pk=image_id, original_key="").update(
+        original_key=key, sha256=inspected.sha256, size_bytes=inspected.size_bytes,
+        format=inspected.format, width=inspected.width, height=inspected.height,
+    )
+
+
+def build(image_id, fetch=False):
+    """[fetch ->] detect -> save faces -> draw -> callback, with one errback that fails the image."""
     from . import tasks
 
     image_id = str(image_id)
-    return chain(
-        tasks.detect_faces.si(image_id),
-        tasks.save_faces.s(),
-        tasks.draw_annotation.s(),
-        tasks.send_callback.s(),
-    ).on_error(tasks.on_pipeline_error.s(image_id=image_id))
+    steps = [tasks.detect_faces.si(image_id), tasks.save_faces.s(), tasks.draw_annotation.s(), tasks.send_callback.s()]
+    if fetch:
+        steps.insert(0, tasks.fetch_original.si(image_id))
+    return chain(*steps).on_error(tasks.on_pipeline_error.s(image_id=image_id))
 
 
 def enqueue(image_id):
     """Publish the chain (with publisher confirms). Returns False if the broker did not take it;
     the image stays `queued` with no `enqueued_at`, and the sweeper sends it later."""
+    needs_fetch = Image.objects.filter(pk=image_id, original_key="").exclude(source_url="").exists()
     try:
-        build(image_id).apply_async()
+        build(image_id, fetch=needs_fetch).apply_async()
     except Exception:
         logger.warning("could not enqueue image %s; the sweeper will retry", image_id, exc_info=True)
         return False
@@ -163,33 +214,27 @@ def save_faces(image_id, token, faces, detect_ms):
     return True
 
 
-def _terminal_fields(image_has_callback):
+def _terminal_fields(has_callback):
     fields = {"finished_at": timezone.now(), "task_id": ""}
-    if image_has_callback:
-        fields.update(
-            callback_status=CallbackStatus.PENDING,
-            callback_event_id=f"msg_{uuid.uuid4().hex}",
-            callback_attempts=0,
-            callback_last_status_code=None,
-            # The chain's own callback task goes first; the dispatcher steps in after the lease.
-            callback_next_attempt_at=timezone.now() + timedelta(seconds=CALLBACK_LEASE_SECONDS),
-        )
+    if has_callback:
+        fields.update(events.pending_fields())
     return fields
 
 
 def finish(image, token, annotated_key):
     """processing -> done under this claim."""
-    return bool(
-        Image.objects.filter(pk=image.pk, status=Status.PROCESSING, task_id=token).update(
-            status=Status.DONE, annotated_key=annotated_key, error_code="", error_message="",
-            **_terminal_fields(bool(image.callback_url)),
-        )
+    finished = Image.objects.filter(pk=image.pk, status=Status.PROCESSING, task_id=token).update(
+        status=Status.DONE, annotated_key=annotated_key, error_code="", error_message="",
+        **_terminal_fields(bool(image.callback_url)),
     )
+    if finished and image.batch_id:
+        settle_batch(image.batch_id)
+    return bool(finished)
 
 
 def fail(image_id, code, message):
     """queued|processing -> failed, then the `image.failed` callback. Returns True if it failed it."""
-    image = Image.objects.filter(pk=image_id).only("callback_url").first()
+    image = Image.objects.filter(pk=image_id).only("callback_url", "batch_id").first()
     if image is None:
         return False
     failed = Image.objects.filter(pk=image_id, status__in=[Status.QUEUED, Status.PROCESSING]).update(
@@ -198,18 +243,30 @@ def fail(image_id, code, message):
     if failed:
         logger.info("image %s failed: %s: %s", image_id, code, message)
         if image.callback_url:
-            send_callback_later(image_id, attempt=0)
+            events.queue(Image, image_id)
+        if image.batch_id:
+            settle_batch(image.batch_id)
     return bool(failed)
 
 
-def send_callback_later(image_id, attempt):
-    """Queue one delivery attempt; if the broker refuses, the dispatcher sends it after the lease."""
-    from . import tasks
+def settle_batch(batch_id):
+    """open -> done once every image of the batch has ended, then the `batch.done` event.
 
-    try:
-        tasks.send_callback.apply_async((str(image_id),), {"attempt": attempt})
-    except Exception:
-        logger.warning("could not queue callback for %s; the dispatcher will", image_id, exc_info=True)
+    Called after each image's own update has committed, so whichever image ends last sees all the
+    others ended; the compare-and-set makes the transition (and the event) happen once.
+    """
+    if Image.objects.filter(batch_id=batch_id).exclude(status__in=TERMINAL).exists():
+        return False
+    batch = Batch.objects.filter(pk=batch_id, status=Batch.Status.OPEN).only("callback_url").first()
+    if batch is None:
+        return False
+    fields = {"status": Batch.Status.DONE, "finished_at": timezone.now()}
+    if batch.callback_url:
+        fields.update(events.pending_fields())
+    settled = Batch.objects.filter(pk=batch_id, status=Batch.Status.OPEN).update(**fields)
+    if settled and batch.callback_url:
+        events.queue(Batch, batch_id)
+    return bool(settled)
 
 
 def rerun(image_id):
@@ -231,11 +288,8 @@ def resend_callback(image_id):
     image = Image.objects.filter(pk=image_id).first()
     if image is None or not image.is_finished or not image.callback_url:
         return False
-    fields = _terminal_fields(True)
-    fields.pop("finished_at")
-    fields.pop("task_id")
-    Image.objects.filter(pk=image_id).update(**fields)
-    send_callback_later(image_id, attempt=0)
+    Image.objects.filter(pk=image_id).update(**events.pending_fields())
+    events.queue(Image, image_id)
     return True
 
 
@@ -257,25 +311,6 @@ def purge_expired(limit=500):
     for image in expired:
         delete(image)
     return len(expired)
-
-
-def dispatch_due_callbacks(limit=200):
-    """Queue the retries whose time has come. Long delays wait here, in the database, rather than
-    as countdowns pinned in the broker."""
-    now = timezone.now()
-    due = Image.objects.filter(
-        callback_status=CallbackStatus.PENDING, callback_next_attempt_at__lte=now
-    ).values_list("pk", "callback_attempts", "callback_next_attempt_at")[:limit]
-    sent = 0
-    for image_id, attempts, due_at in due:
-        # Lease the row so the next tick does not queue it again while this attempt runs.
-        leased = Image.objects.filter(pk=image_id, callback_next_attempt_at=due_at).update(
-            callback_next_attempt_at=now + timedelta(seconds=CALLBACK_LEASE_SECONDS)
-        )
-        if leased:
-            send_callback_later(image_id, attempt=attempts)
-            sent += 1
-    return sent
 
 
 def sweep(limit=200):
@@ -303,4 +338,9 @@ def sweep(limit=200):
         )
         if released:
             resent += enqueue(image_id)
+
+    # A batch whose last image ended while its settle step failed (a database blip) is settled here.
+    unsettled = Batch.objects.filter(status=Batch.Status.OPEN).exclude(images__status__in=[Status.QUEUED, Status.PROCESSING])
+    for batch_id in unsettled.values_list("pk", flat=True)[:limit]:
+        settle_batch(batch_id)
     return resent

@@ -6,20 +6,17 @@ over fixed keys and replaced rows, and leaves no duplicate behind.
 
 import logging
 import time
-from datetime import timedelta
 
 from celery import shared_task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
-from django.conf import settings
 from django.db import DatabaseError
-from django.utils import timezone
-from rest_framework.renderers import JSONRenderer
 
 from api import storage
-from api.models import CallbackAttempt, Image
-from api.serializers import ImageSerializer
+from api.errors import ApiError
+from api.models import Batch, Image
+from api.uploads import inspect_image
 
-from . import callbacks, detection, drawing, pipeline
+from . import detection, drawing, events, fetch, pipeline
 from .pipeline import PipelineError
 
 logger = logging.getLogger(__name__)
@@ -34,6 +31,23 @@ def _read_original(image):
         return storage.read(image.original_key)
     except storage.ObjectMissing:
         raise PipelineError("image_missing", "The stored original is gone.") from None
+
+
+@shared_task(autoretry_for=(*TRANSIENT, fetch.FetchUnavailable), retry_backoff=2, retry_backoff_max=60, max_retries=4)
+def fetch_original(image_id):
+    """For an image submitted by URL: fetch it through the SSRF guard, check it exactly as an
+    upload is checked, store it. A redelivered task finds it stored and does nothing."""
+    image = Image.objects.filter(pk=image_id, status=Image.Status.QUEUED).first()
+    if image is None:
+        raise Ignore()
+    if image.original_key:
+        return
+    data = fetch.fetch(image.source_url)
+    try:
+        inspected = inspect_image(data)
+    except ApiError as error:
+        raise PipelineError(error.code, error.message) from None
+    pipeline.store_fetched(image.pk, data, inspected)
 
 
 @shared_task(bind=True, **RETRY)
@@ -83,45 +97,13 @@ def draw_annotation(saved):
 @shared_task(autoretry_for=(DatabaseError,), retry_backoff=True, max_retries=5)
 def send_callback(image_id, attempt=0):
     """One delivery attempt of the image's current event; retries are scheduled in the database."""
-    image = Image.objects.select_related("client").filter(pk=image_id).first()
-    if image is None or image.callback_status != Image.CallbackStatus.PENDING:
-        return
-    number = attempt + 1
-    # Compare-and-set on the attempt count: a duplicate message for the same attempt backs off.
-    claimed = Image.objects.filter(
-        pk=image.pk, callback_status=Image.CallbackStatus.PENDING, callback_attempts=attempt
-    ).update(callback_attempts=number, callback_next_attempt_at=timezone.now() + timedelta(seconds=pipeline.CALLBACK_LEASE_SECONDS))
-    if not claimed:
-        return
-    image.callback_attempts = number
+    events.deliver(Image, image_id, attempt)
 
-    payload = {
-        "type": image.event_type,
-        "timestamp": timezone.now().isoformat(),
-        "data": ImageSerializer(image).data,
-    }
-    body = JSONRenderer().render(payload)
-    session = callbacks.guarded_session()
-    try:
-        result = callbacks.deliver(session, image.callback_url, image.client.webhook_key, image.callback_event_id, body)
-    finally:
-        session.close()
 
-    CallbackAttempt.objects.create(
-        image=image, event_id=image.callback_event_id, number=number,
-        status_code=result.status_code, latency_ms=result.latency_ms, error=result.error,
-    )
-    fields = {"callback_last_status_code": result.status_code, "callback_next_attempt_at": None}
-    delays = settings.CALLBACK_RETRY_DELAYS
-    if result.delivered:
-        fields["callback_status"] = Image.CallbackStatus.DELIVERED
-    elif result.gone or result.error.startswith("blocked") or number > len(delays):
-        fields["callback_status"] = Image.CallbackStatus.FAILED
-    else:
-        fields["callback_next_attempt_at"] = timezone.now() + timedelta(seconds=delays[number - 1])
-    Image.objects.filter(pk=image.pk, callback_event_id=image.callback_event_id).update(**fields)
-    logger.info("callback %s attempt %d for %s: %s %s", image.callback_event_id, number, image_id,
-                result.status_code, result.error)
+@shared_task(autoretry_for=(DatabaseError,), retry_backoff=True, max_retries=5)
+def send_batch_callback(batch_id, attempt=0):
+    """One delivery attempt of a batch's `batch.done` event."""
+    events.deliver(Batch, batch_id, attempt)
 
 
 @shared_task
@@ -133,6 +115,8 @@ def on_pipeline_error(request, exc, traceback, image_id):
         code, message = "timeout", "Processing took longer than the time limit."
     elif isinstance(exc, storage.StorageUnavailable):
         code, message = "storage_unavailable", "The storage stayed unreachable through every retry."
+    elif isinstance(exc, fetch.FetchUnavailable):
+        code, message = "fetch_failed", f"The image URL could not be fetched: {exc}"
     else:
         code, message = "internal_error", f"{type(exc).__name__}: {exc}"
         logger.error("image %s: unexpected error in %s", image_id, request.task, exc_info=exc)
@@ -142,7 +126,7 @@ def on_pipeline_error(request, exc, traceback, image_id):
 @shared_task
 def dispatch_due_callbacks():
     """Beat: queue callback retries whose delay has passed."""
-    return pipeline.dispatch_due_callbacks()
+    return events.dispatch_due()
 
 
 @shared_task
