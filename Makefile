@@ -12,7 +12,7 @@ export GUNICORN_WORKERS ?= 4
 # Local development: callbacks may reach receivers on this machine.
 export CALLBACK_ALLOWED_NETWORKS ?= 127.0.0.0/8
 
-.PHONY: run test services db install install-dev
+.PHONY: run test services db install install-dev demo
 
 $(BIN)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ db: install
 run: db
 	mkdir -p run
 	exec $(BIN)/honcho start --port $(PORT)
+
+# Starts the platform in the background, submits the photos of demo/ with a local callback
+# receiver, prints what came back, writes the annotated images to demo-output/, stops everything.
+demo: db
+	$(BIN)/python scripts/demo.py
 
 test: install-dev services
 	$(BIN)/python manage.py ensure_database
