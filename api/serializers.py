@@ -3,12 +3,13 @@
 import math
 
 from django.conf import settings
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.reverse import reverse
 
 from workers.callbacks import BlockedAddress, check_url
 
-from . import errors
+from . import errors, schema
 from .models import Batch, Image
 
 KEYPOINTS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
@@ -112,7 +113,7 @@ class ImageSerializer(serializers.ModelSerializer):
     original_url = serializers.SerializerMethodField()
     annotated_url = serializers.SerializerMethodField()
     callback = serializers.SerializerMethodField()
-    timings_ms = serializers.ReadOnlyField()
+    timings_ms = schema.Timings(read_only=True)
     image_url = serializers.SerializerMethodField()
 
     class Meta:
@@ -126,30 +127,37 @@ class ImageSerializer(serializers.ModelSerializer):
     def _done(self, image):
         return image.status == Image.Status.DONE
 
+    @extend_schema_field(schema.ErrorDetail(allow_null=True, help_text="set when status is failed"))
     def get_error(self, image):
         if image.status != Image.Status.FAILED:
             return None
         return {"code": image.error_code, "message": image.error_message}
 
+    @extend_schema_field(serializers.URLField(allow_null=True, help_text="the URL it was submitted by, if any"))
     def get_image_url(self, image):
         return image.source_url or None
 
+    @extend_schema_field(serializers.IntegerField(allow_null=True, help_text="null before done"))
     def get_face_count(self, image):
         return image.face_count if self._done(image) else None
 
+    @extend_schema_field(schema.FaceDoc(many=True, allow_null=True, help_text="null before done"))
     def get_faces(self, image):
         if not self._done(image):
             return None
         return FaceSerializer(image.faces.all(), many=True).data
 
+    @extend_schema_field(serializers.URLField())
     def get_original_url(self, image):
         return self._url("image-original", image)
 
+    @extend_schema_field(serializers.URLField(allow_null=True, help_text="null before done"))
     def get_annotated_url(self, image):
         if not self._done(image):
             return None
         return self._url("image-annotated", image)
 
+    @extend_schema_field(schema.CallbackDoc(allow_null=True))
     def get_callback(self, image):
         return callback_state(image)
 
@@ -186,14 +194,21 @@ class BatchSerializer(serializers.ModelSerializer):
     def _images(self, batch):
         return sorted(batch.images.all(), key=lambda image: image.created_at)
 
+    @extend_schema_field(schema.Counts())
     def get_counts(self, batch):
         counts = dict.fromkeys(Image.Status.values, 0)
         for image in self._images(batch):
             counts[image.status] += 1
         return {"total": sum(counts.values()), **counts}
 
+    @extend_schema_field(ImageSerializer(many=True))
     def get_images(self, batch):
         return ImageSerializer(self._images(batch), many=True, context=self.context).data
 
+    @extend_schema_field(schema.CallbackDoc(allow_null=True))
     def get_callback(self, batch):
         return callback_state(batch)
+
+
+# The callback events, documented as the schema's webhooks (SPECTACULAR_SETTINGS["WEBHOOKS"]).
+IMAGE_EVENT, BATCH_EVENT = schema.webhooks()

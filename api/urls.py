@@ -1,6 +1,6 @@
 """Routes of /api/v1/."""
 
-from django.urls import path, re_path
+from django.urls import path
 from rest_framework.routers import SimpleRouter
 
 from . import views
@@ -9,12 +9,11 @@ router = SimpleRouter()
 router.register("images", views.ImageViewSet, basename="image")
 router.register("batches", views.BatchViewSet, basename="batch")
 
-# The SPEC names the downloads without a trailing slash; one is tolerated.
-IMAGE = rf"^images/(?P<pk>{views.UUID_PATTERN})"
 
 urlpatterns = [
     path("health/", views.HealthView.as_view(), name="health"),
-    re_path(IMAGE + r"/original/?$", views.ImageViewSet.as_view({"get": "original"}), name="image-original"),
-    re_path(IMAGE + r"/annotated/?$", views.ImageViewSet.as_view({"get": "annotated"}), name="image-annotated"),
+    # The SPEC names the downloads without a trailing slash.
+    path("images/<uuid:pk>/original", views.ImageViewSet.as_view({"get": "original"}), name="image-original"),
+    path("images/<uuid:pk>/annotated", views.ImageViewSet.as_view({"get": "annotated"}), name="image-annotated"),
     *router.urls,
 ]

@@ -7,13 +7,15 @@ from django.db import connection
 from django.http import HttpResponse, HttpResponseRedirect
 from django.urls import reverse
 from kombu import Connection
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from workers import pipeline
 
-from . import errors, storage
+from . import errors, schema, storage
 from .models import Batch, Image
 from .serializers import BatchSerializer, BatchSubmitSerializer, ImageSerializer, ImageUploadSerializer
 from .uploads import inspect_image
@@ -25,6 +27,12 @@ MULTIPART_OVERHEAD = 64 * 1024
 UUID_PATTERN = "[0-9a-fA-F-]{36}"
 
 
+@extend_schema_view(
+    list=extend_schema(summary="Your images, newest first", parameters=schema.LIST_FILTERS,
+                       responses={200: ImageSerializer(many=True), **schema.ERRORS}),
+    retrieve=extend_schema(summary="One image: status, faces, URLs, callback state", responses={200: ImageSerializer, **schema.ERRORS}),
+    destroy=extend_schema(summary="Delete an image and its files now", responses={204: None, **schema.ERRORS}),
+)
 class ImageViewSet(
     mixins.CreateModelMixin, mixins.RetrieveModelMixin, mixins.ListModelMixin, mixins.DestroyModelMixin,
     viewsets.GenericViewSet,
@@ -52,6 +60,18 @@ class ImageViewSet(
             queryset = queryset.filter(request_id=request_id)
         return queryset
 
+    @extend_schema(
+        summary="Submit a photo (file or image_url)",
+        request={"multipart/form-data": ImageUploadSerializer, "application/json": ImageUploadSerializer},
+        responses={
+            202: OpenApiResponse(ImageSerializer, description="accepted: stored, committed, queued (Location header)"),
+            200: OpenApiResponse(ImageSerializer, description="the same request_id and image again: the existing job"),
+            409: OpenApiResponse(schema.Error, description="conflict: request_id used for another image"),
+            413: OpenApiResponse(schema.Error, description="image_too_large"),
+            **schema.ERRORS,
+        },
+        callbacks=schema.image_callbacks(),
+    )
     def create(self, request, *args, **kwargs):
         declared = request.META.get("CONTENT_LENGTH") or "0"
         if declared.isdigit() and int(declared) > settings.MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD:
@@ -87,10 +107,15 @@ class ImageViewSet(
         except storage.StorageUnavailable:
             raise errors.service_unavailable("Storage is unavailable. Try again.") from None
 
+    @extend_schema(summary="The original bytes", responses={
+        (200, "image/*"): OpenApiTypes.BINARY, 302: OpenApiResponse(description="to a presigned URL"), **schema.ERRORS})
     def original(self, request, pk=None):
         image = self.get_object()
         return _download(image.original_key, storage.CONTENT_TYPES[image.format])
 
+    @extend_schema(summary="The annotated image (no EXIF)", responses={
+        (200, "image/*"): OpenApiTypes.BINARY, 302: OpenApiResponse(description="to a presigned URL"),
+        409: OpenApiResponse(schema.Error, description="not_ready"), **schema.ERRORS})
     def annotated(self, request, pk=None):
         image = self.get_object()
         if image.status != Image.Status.DONE or not image.annotated_key:
@@ -105,6 +130,10 @@ def _read(upload):
     return upload.read()
 
 
+@extend_schema_view(
+    list=extend_schema(summary="Your batches, newest first", responses={200: BatchSerializer(many=True), **schema.ERRORS}),
+    retrieve=extend_schema(summary="One batch: counts and every image", responses={200: BatchSerializer, **schema.ERRORS}),
+)
 class BatchViewSet(mixins.CreateModelMixin, mixins.RetrieveModelMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
     """Submit several images at once and follow them together."""
 
@@ -114,6 +143,11 @@ class BatchViewSet(mixins.CreateModelMixin, mixins.RetrieveModelMixin, mixins.Li
     def get_queryset(self):
         return Batch.objects.filter(client=self.request.user).prefetch_related("images__faces")
 
+    @extend_schema(
+        summary="Submit several photos (files and/or URLs), all or nothing",
+        request={"multipart/form-data": BatchSubmitSerializer, "application/json": BatchSubmitSerializer},
+        responses={202: BatchSerializer, 413: OpenApiResponse(schema.Error, description="image_too_large"), **schema.ERRORS},
+    )
     def create(self, request, *args, **kwargs):
         declared = request.META.get("CONTENT_LENGTH") or "0"
         if declared.isdigit() and int(declared) > settings.MAX_BATCH_BYTES + MULTIPART_OVERHEAD:
@@ -169,6 +203,8 @@ class HealthView(APIView):
     permission_classes = []
     throttle_classes = []
 
+    @extend_schema(summary="Database, broker and storage, checked now", auth=[], responses={
+        (200, "application/json"): schema.Health, (503, "application/json"): schema.Health})
     def get(self, request):
         checks = {"database": _check(_database), "broker": _check(_broker), "storage": _check(storage.check)}
         healthy = all(value == "ok" for value in checks.values())

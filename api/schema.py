@@ -1,0 +1,152 @@
+"""OpenAPI documentation of the API (drf-spectacular): the shapes the views produce by hand, the
+error body, and the callback events, so /api/schema/ describes exactly what integrators get."""
+
+import functools
+
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.utils import (
+    OpenApiCallback,
+    OpenApiParameter,
+    OpenApiResponse,
+    OpenApiWebhook,
+    extend_schema,
+    inline_serializer,
+)
+from rest_framework import serializers
+
+from .models import CallbackStatus, Image
+
+
+class ErrorDetail(serializers.Serializer):
+    code = serializers.CharField(help_text="invalid_request, invalid_image, invalid_callback_url, not_authenticated, "
+                                           "not_found, conflict, not_ready, image_too_large, throttled, service_unavailable")
+    message = serializers.CharField()
+    details = serializers.DictField(help_text="e.g. the offending field")
+
+
+class Error(serializers.Serializer):
+    error = ErrorDetail()
+
+
+class Point(serializers.Serializer):
+    x = serializers.IntegerField()
+    y = serializers.IntegerField()
+
+
+class Box(Point):
+    width = serializers.IntegerField()
+    height = serializers.IntegerField()
+
+
+class Keypoints(serializers.Serializer):
+    left_eye = Point()
+    right_eye = Point()
+    nose = Point()
+    mouth_left = Point()
+    mouth_right = Point()
+
+
+class FaceDoc(serializers.Serializer):
+    box = Box(help_text="pixels of the upright image (EXIF orientation applied)")
+    confidence = serializers.FloatField()
+    keypoints = Keypoints()
+
+
+class CallbackDoc(serializers.Serializer):
+    url = serializers.URLField()
+    status = serializers.ChoiceField(CallbackStatus.choices)
+    attempts = serializers.IntegerField()
+    last_status_code = serializers.IntegerField(allow_null=True)
+
+
+class Timings(serializers.Serializer):
+    queued = serializers.IntegerField(allow_null=True)
+    detect = serializers.IntegerField(allow_null=True)
+    total = serializers.IntegerField(allow_null=True)
+
+
+class Counts(serializers.Serializer):
+    total = serializers.IntegerField()
+    queued = serializers.IntegerField()
+    processing = serializers.IntegerField()
+    done = serializers.IntegerField()
+    failed = serializers.IntegerField()
+
+
+ERRORS = {
+    400: OpenApiResponse(Error, description="invalid_request, invalid_image or invalid_callback_url"),
+    401: OpenApiResponse(Error, description="not_authenticated"),
+    404: OpenApiResponse(Error, description="not_found (including another client's image)"),
+    429: OpenApiResponse(Error, description="throttled; see Retry-After"),
+    503: OpenApiResponse(Error, description="service_unavailable"),
+}
+SIGNATURE_HEADERS = (
+    "Standard Webhooks 1.0 headers: webhook-id (the same on every retry of one event), "
+    "webhook-timestamp (Unix seconds), webhook-signature: v1,base64(HMAC-SHA256(key, "
+    "'{webhook-id}.{webhook-timestamp}.{raw body}')) with key = base64-decoded secret after 'whsec_'. "
+    "Any 2xx is delivered; 410 stops delivery; anything else is retried on CALLBACK_RETRY_DELAYS."
+)
+
+
+def _event(name, data_serializer, event_types):
+    return inline_serializer(name, {
+        "type": serializers.ChoiceField(event_types),
+        "timestamp": serializers.DateTimeField(),
+        "data": data_serializer(),
+    })
+
+
+@functools.cache
+def _image_event():
+    from .serializers import ImageSerializer
+
+    return _event("ImageEvent", ImageSerializer, ["image.done", "image.failed"])
+
+
+@functools.cache
+def _batch_event():
+    from .serializers import BatchSerializer
+
+    return _event("BatchEvent", BatchSerializer, ["batch.done"])
+
+
+def image_callbacks():
+    return [OpenApiCallback(
+        "imageEvent", "{$request.body#/callback_url}",
+        extend_schema(summary="image.done / image.failed", description=SIGNATURE_HEADERS, request=_image_event(),
+                      responses={200: None}),
+    )]
+
+
+def webhooks():
+    """The callback events, listed for SPECTACULAR_SETTINGS["WEBHOOKS"]."""
+    return [
+        OpenApiWebhook("image_event", extend_schema(summary="image.done / image.failed", description=SIGNATURE_HEADERS,
+                                                    request=_image_event(), responses={200: None})),
+        OpenApiWebhook("batch_event", extend_schema(summary="batch.done", description=SIGNATURE_HEADERS,
+                                                    request=_batch_event(), responses={200: None})),
+    ]
+
+
+LIST_FILTERS = [
+    OpenApiParameter("status", str, enum=Image.Status.values, description="only images in this status"),
+    OpenApiParameter("request_id", str, description="only the image with this request_id"),
+]
+
+
+class Health(serializers.Serializer):
+    status = serializers.ChoiceField(["ok", "unavailable"])
+    checks = inline_serializer("HealthChecks", {
+        name: serializers.CharField(help_text='"ok" or "error: <kind>"') for name in ("database", "broker", "storage")
+    })
+
+
+class ApiKeyScheme(OpenApiAuthenticationExtension):
+    """How ApiKeyAuthentication appears in the schema (defining the class registers it)."""
+
+    target_class = "api.auth.ApiKeyAuthentication"
+    name = "ApiKey"
+
+    def get_security_definition(self, auto_schema):
+        return {"type": "http", "scheme": "bearer",
+                "description": "Authorization: Bearer <api_key> (from `manage.py create_client`)"}

@@ -1,0 +1,77 @@
+"""The OpenAPI schema is valid, documents every endpoint and the callback events, and the real
+responses match it."""
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from openapi_schema_validator import OAS31Validator
+from openapi_spec_validator import validate
+from rest_framework.test import APIClient
+
+from tests.conftest import photo, upload
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(scope="module")
+def spec(django_db_blocker):
+    with django_db_blocker.unblock():
+        response = APIClient().get("/api/schema/", {"format": "json"})
+    assert response.status_code == 200
+    return response.json()
+
+
+def conforms(spec, component, body):
+    schema = {"$ref": f"#/components/schemas/{component}", "components": spec["components"]}
+    OAS31Validator(schema).validate(body)
+
+
+def test_the_schema_is_valid_openapi(spec):
+    validate(spec)
+    assert spec["openapi"].startswith("3.1")
+
+
+def test_every_endpoint_and_the_callback_events_are_documented(spec):
+    assert set(spec["paths"]) >= {
+        "/api/v1/images/", "/api/v1/images/{id}/", "/api/v1/images/{id}/original", "/api/v1/images/{id}/annotated",
+        "/api/v1/batches/", "/api/v1/batches/{id}/", "/api/v1/health/",
+    }
+    create = spec["paths"]["/api/v1/images/"]["post"]
+    assert {"202", "200", "400", "401", "409", "413", "429", "503"} <= set(create["responses"])
+    assert "imageEvent" in create["callbacks"]
+    assert set(spec["webhooks"]) == {"image_event", "batch_event"}
+    fields = spec["components"]["schemas"]["ImageUploadRequest"]["properties"]
+    assert set(fields) >= {"image", "image_url", "request_id", "callback_url", "min_face_size", "min_confidence", "annotation"}
+
+
+def test_real_responses_match_the_schema(spec, api, client_factory):
+    created = upload(api, "clm_cage.jpg", request_id="schema-1", callback_url="http://127.0.0.1:9/h")
+    conforms(spec, "Image", created.json())
+    conforms(spec, "Image", api.get(f"/api/v1/images/{created.json()['id']}/").json())
+    conforms(spec, "PaginatedImageList", api.get("/api/v1/images/").json())
+
+    batch = api.post("/api/v1/batches/", {"images": [SimpleUploadedFile("a.jpg", photo("clm_cage.jpg"))]},
+                     format="multipart")
+    conforms(spec, "Batch", batch.json())
+
+    for response in (upload(api, data=b"not an image"), api.get("/api/v1/images/00000000-0000-0000-0000-000000000000/"),
+                     APIClient().get("/api/v1/images/")):
+        assert response.status_code >= 400
+        conforms(spec, "Error", response.json())
+    conforms(spec, "Health", APIClient().get("/api/v1/health/").json())
+
+
+def test_a_finished_image_matches_the_schema(spec, api):
+    from api.models import Face, Image
+
+    image = Image.objects.get(pk=upload(api).json()["id"])
+    Image.objects.filter(pk=image.pk).update(status="done", face_count=1, annotated_key="annotated/x.jpg")
+    Face.objects.create(image=image, index=0, x=1, y=2, width=3, height=4, confidence=0.99,
+                        keypoints={k: [1, 2] for k in ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")})
+    conforms(spec, "Image", api.get(f"/api/v1/images/{image.pk}/").json())
+
+
+def test_swagger_ui_is_served_without_a_cdn():
+    page = APIClient().get("/api/docs/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "swagger-ui" in html and "cdn" not in html.lower()
