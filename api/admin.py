@@ -1,8 +1,11 @@
 """The operators' UI: clients, and images with their faces, callback attempts and actions."""
 
-import base64
+import io
 
+import PIL.Image
 from django.contrib import admin, messages
+from django.http import Http404, HttpResponse
+from django.urls import path, reverse
 from django.utils.html import format_html
 
 from workers import pipeline
@@ -52,7 +55,8 @@ class CallbackAttemptInline(admin.TabularInline):
 
 @admin.register(Image)
 class ImageAdmin(admin.ModelAdmin):
-    list_display = ["id", "status", "client", "request_id", "face_count", "callback_status", "created_at", "duration"]
+    list_display = ["thumbnail", "id", "status", "client", "request_id", "face_count", "callback_status", "created_at",
+                    "duration"]
     list_filter = ["status", "callback_status", "annotation", "client", ("created_at", admin.DateFieldListFilter)]
     search_fields = ["=id", "request_id"]
     list_select_related = ["client"]
@@ -77,18 +81,41 @@ class ImageAdmin(admin.ModelAdmin):
         total = image.timings_ms["total"]
         return f"{total / 1000:.2f} s" if total is not None else "-"
 
-    @admin.display(description="annotated image")
-    def preview(self, image):
-        if image.status != Image.Status.DONE or not image.annotated_key:
-            return "-"
+    def get_urls(self):
+        annotated = path("<uuid:image_id>/annotated/<int:size>/", self.admin_site.admin_view(self.annotated_view),
+                         name="api_image_annotated")
+        return [annotated, *super().get_urls()]
+
+    def annotated_view(self, request, image_id, size):
+        """The annotated image scaled to fit `size` pixels, for operators only."""
+        image = Image.objects.filter(pk=image_id, status=Image.Status.DONE).exclude(annotated_key="").first()
+        if image is None:
+            raise Http404
         try:
             data = storage.read(image.annotated_key)
-        except (storage.ObjectMissing, storage.StorageUnavailable) as error:
-            return f"unavailable: {error}"
-        mime = "image/png" if image.annotated_key.endswith(".png") else "image/jpeg"
-        # Inline data URI: the admin needs no storage credentials of its own or an extra route.
-        return format_html('<img src="data:{};base64,{}" style="max-width:640px;max-height:480px">',
-                           mime, base64.b64encode(data).decode())
+        except (storage.ObjectMissing, storage.StorageUnavailable):
+            raise Http404 from None
+        picture = PIL.Image.open(io.BytesIO(data))
+        picture.thumbnail((min(size, 2048), min(size, 2048)))
+        buffer = io.BytesIO()
+        picture.convert("RGB").save(buffer, "JPEG", quality=85)
+        response = HttpResponse(buffer.getvalue(), content_type="image/jpeg")
+        response["Cache-Control"] = "private, max-age=3600"
+        return response
+
+    def _picture(self, image, size, style):
+        if image.status != Image.Status.DONE or not image.annotated_key:
+            return "-"
+        url = reverse("admin:api_image_annotated", args=[image.pk, size])
+        return format_html('<img src="{}" loading="lazy" alt="annotated" style="{}">', url, style)
+
+    @admin.display(description="")
+    def thumbnail(self, image):
+        return self._picture(image, 96, "max-width:96px;max-height:96px")
+
+    @admin.display(description="annotated image")
+    def preview(self, image):
+        return self._picture(image, 800, "max-width:800px")
 
     @admin.action(description="Re-run the pipeline")
     def rerun_pipeline(self, request, queryset):

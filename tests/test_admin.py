@@ -45,9 +45,23 @@ def test_the_detail_page_shows_faces_attempts_and_a_preview(operator, done_image
     page = operator.get(f"/admin/api/image/{done_image.pk}/change/")
     assert page.status_code == 200
     html = page.content.decode()
-    assert 'src="data:image/jpeg;base64,' in html
+    assert f'src="/admin/api/image/{done_image.pk}/annotated/800/"' in html
     assert "msg_1" in html
     assert "0.99" in html
+
+
+def test_the_list_shows_thumbnails_served_to_operators_only(operator, done_image, client):
+    import io
+
+    import PIL.Image
+
+    assert f"/admin/api/image/{done_image.pk}/annotated/96/" in operator.get("/admin/api/image/").content.decode()
+    thumbnail = operator.get(f"/admin/api/image/{done_image.pk}/annotated/96/")
+    assert thumbnail["Content-Type"] == "image/jpeg"
+    assert max(PIL.Image.open(io.BytesIO(thumbnail.content)).size) == 96
+
+    client.logout()
+    assert client.get(f"/admin/api/image/{done_image.pk}/annotated/96/").status_code == 302  # to the login page
 
 
 def test_the_rerun_action_queues_a_finished_image_again(operator, done_image):
