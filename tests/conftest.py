@@ -104,6 +104,27 @@ def upload(api, name="clm_cage.jpg", data=None, **fields):
     return api.post("/api/v1/images/", form, format="multipart")
 
 
+def drain(queue_name):
+    """Every message waiting on a queue of the session's vhost, removed from it, as
+    (headers, [args, kwargs, embed]) pairs."""
+    from django.conf import settings
+    from kombu import Connection
+
+    messages = []
+    with Connection(settings.CELERY_BROKER_URL) as conn:
+        queue = conn.SimpleQueue(queue_name)
+        try:
+            while True:
+                message = queue.get(timeout=0.5)
+                messages.append((message.headers, message.payload))
+                message.ack()
+        except queue.Empty:
+            pass
+        finally:
+            queue.close()
+    return messages
+
+
 def wait_for(predicate, timeout=60, interval=0.2, message="condition"):
     """Poll until predicate() is truthy; every wait in the suite is bounded."""
     deadline = time.monotonic() + timeout

@@ -5,42 +5,28 @@ from datetime import timedelta
 
 import pytest
 from django.utils import timezone
-from kombu import Connection
 
 from api.models import Image
-from tests.conftest import upload
+from tests.conftest import drain, upload
 from workers import events, pipeline
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def drain(queue_name):
-    from django.conf import settings
-
-    bodies = []
-    with Connection(settings.CELERY_BROKER_URL) as conn:
-        queue = conn.SimpleQueue(queue_name)
-        try:
-            while True:
-                message = queue.get(timeout=0.5)
-                bodies.append((message.headers["task"], message.payload[0], message.payload[1]))
-                message.ack()
-        except queue.Empty:
-            pass
-        finally:
-            queue.close()
-    return bodies
+def tasks_on(queue_name):
+    """(task name, args, kwargs) of every message on the queue, removed from it."""
+    return [(headers["task"], payload[0], payload[1]) for headers, payload in drain(queue_name)]
 
 
 @pytest.fixture(autouse=True)
 def _empty_queues():
-    drain("detect")
-    drain("callbacks")
+    tasks_on("detect")
+    tasks_on("callbacks")
 
 
 def accepted_image(api, **fields):
     image = Image.objects.get(pk=upload(api).json()["id"])
-    drain("detect")
+    tasks_on("detect")
     Image.objects.filter(pk=image.pk).update(**fields)
     return Image.objects.get(pk=image.pk)
 
@@ -52,7 +38,7 @@ def test_an_image_never_enqueued_is_sent_after_the_grace_period(api, settings):
 
     assert pipeline.sweep() == 1
 
-    assert [args for _task, args, _kw in drain("detect")] == [[str(stale.pk)]]
+    assert [args for _task, args, _kw in tasks_on("detect")] == [[str(stale.pk)]]
     assert Image.objects.get(pk=stale.pk).enqueued_at is not None
     assert Image.objects.get(pk=fresh.pk).enqueued_at is None
 
@@ -67,7 +53,7 @@ def test_an_image_stuck_in_processing_is_handed_to_another_worker(api, settings)
 
     stuck.refresh_from_db()
     assert (stuck.status, stuck.task_id) == ("queued", "")
-    assert [args for _task, args, _kw in drain("detect")] == [[str(stuck.pk)]]
+    assert [args for _task, args, _kw in tasks_on("detect")] == [[str(stuck.pk)]]
     assert Image.objects.get(pk=busy.pk).status == "processing"
 
 
@@ -82,7 +68,7 @@ def test_an_image_that_keeps_failing_its_worker_ends_as_poison(api, settings, re
     poison.refresh_from_db()
     assert (poison.status, poison.error_code) == ("failed", "poison")
     assert poison.callback_status == "pending"
-    assert [(task, args) for task, args, _kw in drain("callbacks")] == [("workers.tasks.send_callback", [str(poison.pk)])]
+    assert [(task, args) for task, args, _kw in tasks_on("callbacks")] == [("workers.tasks.send_callback", [str(poison.pk)])]
 
 
 def test_a_claim_past_the_attempt_cap_fails_as_poison(api, settings):
@@ -109,4 +95,4 @@ def test_callback_retries_are_queued_when_due_and_only_once(api):
     assert events.dispatch_due() == 1
     assert events.dispatch_due() == 0  # leased: the next tick leaves it alone
 
-    assert drain("callbacks") == [("workers.tasks.send_callback", [str(due.pk)], {"attempt": 2})]
+    assert tasks_on("callbacks") == [("workers.tasks.send_callback", [str(due.pk)], {"attempt": 2})]

@@ -4,32 +4,16 @@ import hashlib
 import json
 
 import pytest
-from kombu import Connection
 
 from api import storage
 from api.models import Image
-from tests.conftest import photo, upload, wait_for
+from tests.conftest import drain, photo, upload, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def _drain_detect_queue():
-    """Every message waiting on the `detect` queue, removed from it, as decoded bodies."""
-    from django.conf import settings
-
-    messages = []
-    with Connection(settings.CELERY_BROKER_URL) as conn:
-        queue = conn.SimpleQueue("detect")
-        try:
-            while True:
-                message = queue.get(timeout=0.5)
-                messages.append((message.headers, message.payload))
-                message.ack()
-        except queue.Empty:
-            pass
-        finally:
-            queue.close()
-    return messages
+    return drain("detect")
 
 
 @pytest.fixture(autouse=True)
