@@ -96,3 +96,12 @@ def test_callback_retries_are_queued_when_due_and_only_once(api):
     assert events.dispatch_due() == 0  # leased: the next tick leaves it alone
 
     assert tasks_on("callbacks") == [("workers.tasks.send_callback", [str(due.pk)], {"attempt": 2})]
+
+
+def test_a_retry_after_a_transient_error_does_not_use_up_an_attempt(api, settings):
+    settings.MAX_PIPELINE_ATTEMPTS = 2
+    image = accepted_image(api, status="processing", task_id="retrying-task", attempts=2)
+
+    for _ in range(5):  # a storage outage waited out with five retries
+        assert pipeline.claim(image.pk, "retrying-task", new_attempt=False) is not None
+    assert Image.objects.get(pk=image.pk).attempts == 2

@@ -170,13 +170,20 @@ def enqueue(image_id):
     return True
 
 
-def claim(image_id, task_id):
+def claim(image_id, task_id, new_attempt=True):
     """queued -> processing for this task. A redelivered message carries the same task id, so it
-    may take back its own claim. Returns the image, or None if another worker owns it."""
+    may take back its own claim. Returns the image, or None if another worker owns it.
+
+    `new_attempt` is false for a task's own retry after a transient error (storage, database):
+    waiting out an outage must not use up the attempts that guard against poison images.
+    """
+    updates = {"status": Status.PROCESSING, "task_id": task_id, "started_at": timezone.now()}
+    if new_attempt:
+        updates["attempts"] = F("attempts") + 1
     claimed = (
         Image.objects.filter(pk=image_id)
         .filter(Q(status=Status.QUEUED) | Q(status=Status.PROCESSING, task_id=task_id))
-        .update(status=Status.PROCESSING, task_id=task_id, started_at=timezone.now(), attempts=F("attempts") + 1)
+        .update(**updates)
     )
     if not claimed:
         return None
@@ -324,6 +331,8 @@ def sweep(limit=200):
     for image_id in never_sent:
         resent += enqueue(image_id)
 
+    # Queued images whose message has waited past the deadline are sent again too (a message lost
+    # with a broker's disk, say); a duplicate is harmless, as the claim lets only one through.
     deadline = now - timedelta(seconds=settings.PROCESSING_DEADLINE_SECONDS)
     stale = Image.objects.filter(
         Q(status=Status.PROCESSING, started_at__lt=deadline) | Q(status=Status.QUEUED, enqueued_at__lt=deadline)

@@ -53,7 +53,10 @@ def fetch_original(image_id):
 @shared_task(bind=True, **RETRY)
 def detect_faces(self, image_id):
     """Claim the image and find its faces. Returns what save_faces needs."""
-    image = pipeline.claim(image_id, self.request.id)
+    # A message redelivered after its worker died counts as a new attempt; a retry after a
+    # transient error does not.
+    new_attempt = not self.request.retries or bool((self.request.delivery_info or {}).get("redelivered"))
+    image = pipeline.claim(image_id, self.request.id, new_attempt=new_attempt)
     if image is None:
         raise Ignore()  # another worker owns it, or it already ended: stop this chain quietly
     data = _read_original(image)
