@@ -35,6 +35,9 @@ COPY . .
 # exists for this one command and is never stored in the image.
 RUN SECRET_KEY=collectstatic-only-not-a-secret python manage.py collectstatic --no-input -v 0
 
+# The ONNX engine's models, exported from the mtcnn wheel's own weights (ONNX_MODEL_DIR).
+RUN python -m workers.onnx_export /app/models/mtcnn-onnx
+
 # With SECRET_KEY unset the settings keep a generated key in BASE_DIR/.secret_key. Pointing that
 # file into /var/lib/face-detect lets docker-compose.yaml share one volume there, so the key the
 # first container (migrate) generates is the key of every container. /data/media is MEDIA_ROOT

@@ -12,6 +12,8 @@ export GUNICORN_WORKERS ?= 4
 # Local development: callbacks may reach receivers on this machine.
 export CALLBACK_ALLOWED_NETWORKS ?= 127.0.0.0/8
 
+MODELS := models/mtcnn-onnx
+
 .PHONY: run test services db install install-dev demo
 
 $(BIN)/.installed: requirements.txt
@@ -24,8 +26,14 @@ $(BIN)/.installed-dev: requirements-dev.txt $(BIN)/.installed
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
-install: $(BIN)/.installed
-install-dev: $(BIN)/.installed-dev
+# MTCNN's networks, exported from the mtcnn wheel's own weights for the ONNX engine (nothing is
+# downloaded).
+$(MODELS)/.exported: $(BIN)/.installed workers/onnx_export.py
+	$(BIN)/python -m workers.onnx_export $(MODELS)
+	touch $@
+
+install: $(BIN)/.installed $(MODELS)/.exported
+install-dev: $(BIN)/.installed-dev $(MODELS)/.exported
 
 services:
 	bash scripts/services.sh
@@ -44,7 +52,7 @@ run: db
 demo: db
 	$(BIN)/python scripts/demo.py
 
-test: install-dev services
+test: install install-dev services
 	$(BIN)/python manage.py ensure_database
 	$(BIN)/python manage.py collectstatic --no-input -v 0
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

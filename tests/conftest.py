@@ -55,6 +55,20 @@ def s3_server():
     server.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_models():
+    """The ONNX engine's models (the default engine), exported once if `make` has not yet."""
+    from django.conf import settings
+
+    from workers.onnx_engine import MODEL_FILES
+
+    if not all((settings.ONNX_MODEL_DIR / name).is_file() for name in MODEL_FILES.values()):
+        from workers.onnx_export import export
+
+        export(settings.ONNX_MODEL_DIR, log=lambda *_: None)
+    return settings.ONNX_MODEL_DIR
+
+
 @pytest.fixture(autouse=True)
 def _fresh_rate_limits():
     """Throttle counters live in Redis and outlive a test's database."""

@@ -1,9 +1,11 @@
 """Face detection with the `mtcnn` package, loaded once per worker process.
 
 The detector is created lazily in the process that uses it (never in a Celery parent before the
-pool forks: TensorFlow hangs in the children). Each of MTCNN's three networks runs as one compiled
-graph with open input shapes, which is faster than Keras' layer-by-layer eager calls and, because
-nothing is retraced per image size, keeps memory flat in a long-running worker.
+pool forks: TensorFlow hangs in the children). DETECT_ENGINE picks it: `onnx` (the default,
+workers/onnx_engine.py) runs MTCNN's own networks, exported at install time, on ONNX Runtime;
+`tensorflow` runs the mtcnn package with each of its three networks compiled as one graph with open
+input shapes, which is faster than Keras' layer-by-layer eager calls and, because nothing is
+retraced per image size, keeps memory flat in a long-running worker.
 
 Resolution policy: photos are downscaled so their long side is at most DETECT_MAX_SIDE before
 detection, and boxes and keypoints are mapped back to the original's pixels. MTCNN cannot look
@@ -97,12 +99,17 @@ class Detector:
 
 
 def get_detector():
-    """The process's detector, created on first use."""
+    """The process's detector, of the DETECT_ENGINE setting, created on first use."""
     global _detector
     if _detector is None:
         with _lock:
             if _detector is None:
-                _detector = Detector(threads=settings.DETECT_THREADS)
+                if settings.DETECT_ENGINE == "onnx":
+                    from .onnx_engine import OnnxDetector
+
+                    _detector = OnnxDetector(settings.ONNX_MODEL_DIR, threads=settings.DETECT_THREADS)
+                else:
+                    _detector = Detector(threads=settings.DETECT_THREADS)
     return _detector
 
 

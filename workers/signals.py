@@ -26,7 +26,9 @@ def _patient_publishing(conf=None, **kwargs):
 def _note_queues(sender, instance, **kwargs):
     global _runs_detection
     _runs_detection = "detect" in instance.app.amqp.queues.consume_from
-    if _runs_detection:
+    from django.conf import settings
+
+    if _runs_detection and settings.DETECT_ENGINE == "tensorflow":
         # Importing (not using) TensorFlow before the fork is safe and saves every recycled child
         # the import; creating the model here would hang the children.
         import tensorflow  # noqa: F401
