@@ -8,7 +8,9 @@ Engines
   B    `workers.detection.find_faces(image, min_face_size=20, min_confidence=0.9, max_side=1024,
        detector=Detector(threads=1))`: tf.function-wrapped networks, photos downscaled to 1024 px
        on the long side, one TensorFlow thread (counted as 1 core).
-  Bx2  two B processes fed from one shared queue, one photo at a time, as the platform deploys
+  C    the same with the platform's default engine, `OnnxDetector(models/mtcnn-onnx, threads=1)`:
+       MTCNN's own networks on ONNX Runtime (export them first: `make install`); 1 core.
+  Cx2  two C processes fed from one shared queue, one photo at a time, as the platform deploys
        (a single-threaded worker per core, Celery-style prefetch of 1); counted as 2 cores.
 
 How it is measured
@@ -101,7 +103,12 @@ def make_engine(engine):
 
     from workers.detection import Detector, find_faces
 
-    detector = Detector(threads=1)
+    if engine == "C":
+        from workers.onnx_engine import OnnxDetector, default_model_dir
+
+        detector = OnnxDetector(default_model_dir(), threads=1)
+    else:
+        detector = Detector(threads=1)
 
     def detect(image):
         faces = find_faces(image, min_face_size=20, min_confidence=MIN_CONFIDENCE, max_side=1024, detector=detector)
@@ -295,7 +302,7 @@ def main():
     parser.add_argument("--passes", type=int, default=3, help="measured passes over all photos (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-pass photo orders")
     parser.add_argument("--photos", type=Path, default=PHOTOS, help="folder with the photos and faces.tsv")
-    parser.add_argument("--worker", choices=("A", "B"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("A", "B", "C"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return serve(args.worker, args.photos)
@@ -304,28 +311,28 @@ def main():
     by_file = {row["file"]: row for row in rows}
     files = [row["file"] for row in rows]
     cores = os.cpu_count() or 1
-    engines = {"A": cores, "B": 1, "Bx2": 2}
+    engines = {"A": cores, "B": 1, "C": 1, "Cx2": 2}
     load_before = os.getloadavg()[0]
     began = time.perf_counter()
 
-    workers = {name: Worker(engine, args.photos) for name, engine in (("A", "A"), ("B", "B"), ("B2", "B"))}
+    workers = {name: Worker(engine, args.photos) for name, engine in (("A", "A"), ("B", "B"), ("C", "C"), ("C2", "C"))}
     for worker in workers.values():
         worker.receive()
     loaded = time.perf_counter()
     for worker in workers.values():
         worker.send({"files": files})
     reference = {name: {r["file"]: r["faces"] for r in w.receive()["results"]} for name, w in workers.items()}
-    reference["Bx2"] = reference["B2"]
+    reference["Cx2"] = reference["C2"]
     warmed = time.perf_counter()
 
-    pools = {"A": [workers["A"]], "B": [workers["B"]], "Bx2": [workers["B"], workers["B2"]]}
+    pools = {"A": [workers["A"]], "B": [workers["B"]], "C": [workers["C"]], "Cx2": [workers["C"], workers["C2"]]}
     turns = {name: [] for name in engines}
     unstable = set()
     rng = random.Random(args.seed)
     names = list(engines)
     for number in range(args.passes):
         order = rng.sample(files, len(files))
-        for name in names[number % 3 :] + names[: number % 3]:
+        for name in names[number % len(names) :] + names[: number % len(names)]:
             turn = run_queue(pools[name], order)
             turns[name].append(turn)
             unstable |= {(name, r["file"]) for r in turn["results"] if r["faces"] != reference[name][r["file"]]}
@@ -335,7 +342,7 @@ def main():
     stats = {name: worker.receive()["peak_rss_mb"] for name, worker in workers.items()}
     for worker in workers.values():
         worker.close()
-    stats["Bx2"] = max(stats["B"], stats["B2"])
+    stats["Cx2"] = max(stats["C"], stats["C2"])
 
     best_a = len(files) / min(turn["wall"] for turn in turns["A"]) / engines["A"]
     header = ("engine", "cores", "img/s best", "img/s all", "best/core", "vs A/core", "CPU ms/img", "busy cores",
@@ -350,16 +357,16 @@ def main():
     for line in [header, ["-" * w for w in widths], *table]:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
 
-    print("\nPer photo: faces by eye / A / B, and B's boxes against A's (IoU of matched pairs)")
+    print("\nPer photo: faces by eye / A / B / C, and C's boxes against A's (IoU of matched pairs)")
     for f in files:
         row = by_file[f]
-        boxes_a, boxes_b = kept_boxes(reference["A"][f], row), kept_boxes(reference["B"][f], row)
-        ious, _, _ = match(boxes_a, boxes_b)
-        mark = " <- differs" if not (len(boxes_a) == len(boxes_b) == row["faces"]) else ""
+        boxes_a, boxes_b, boxes_c = (kept_boxes(reference[name][f], row) for name in ("A", "B", "C"))
+        ious, _, _ = match(boxes_a, boxes_c)
+        mark = " <- differs" if not (len(boxes_a) == len(boxes_b) == len(boxes_c) == row["faces"]) else ""
         print(f"  {f:27} {row['width']:>4}x{row['height']:<4} {row['faces']} / {len(boxes_a)} / {len(boxes_b)}"
-              f"  IoU {' '.join(f'{v:.3f}' for v in ious) or '-'}{mark}")
-    if any(reference["B"][f] != reference["B2"][f] for f in files):
-        print("\nNote: the two B processes returned different detections for some photos.")
+              f" / {len(boxes_c)}  IoU {' '.join(f'{v:.3f}' for v in ious) or '-'}{mark}")
+    if any(reference["C"][f] != reference["C2"][f] for f in files):
+        print("\nNote: the two C processes returned different detections for some photos.")
     for name, f in sorted(unstable):
         print(f"Note: {name} returned different detections for {f} in a measured pass than in warm-up.")
     done = time.perf_counter()
