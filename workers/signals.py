@@ -5,6 +5,7 @@ import logging
 
 import numpy as np
 from celery import signals
+from django.db import close_old_connections
 
 from face_detect_api import logs
 
@@ -45,6 +46,7 @@ def _warm_up_detector(**kwargs):
 @signals.task_prerun.connect
 def _bind_job(task=None, args=None, kwargs=None, **extra):
     """Every pipeline task's first argument is the image id, or a dict carrying it."""
+    close_old_connections()
     logs.clear()
     first = (args or [None])[0]
     image_id = first.get("image_id") if isinstance(first, dict) else first
@@ -56,4 +58,5 @@ def _bind_job(task=None, args=None, kwargs=None, **extra):
 
 @signals.task_postrun.connect
 def _unbind_job(**extra):
+    close_old_connections()
     logs.clear()
