@@ -1,0 +1,614 @@
+"""Shared pieces of bench.pipeline and bench.memory: the whole platform as real processes on
+resources of the benchmark's own, a timed callback receiver, and CPU / RSS accounting from /proc.
+
+What a `BenchStack` owns (all removed again by `Cleanup.run`, also on Ctrl-C / SIGTERM / SIGHUP):
+  - a RabbitMQ vhost `face_detect_bench_<tag>` on the local server (rabbitmqctl with
+    ERL_EPMD_ADDRESS=127.0.0.1), deleted at the end,
+  - a PostgreSQL database `face_detect_bench_<tag>` (migrated once, later ones cloned from it with
+    CREATE DATABASE ... TEMPLATE), dropped at the end,
+  - a temporary MEDIA_ROOT (STORAGE_BACKEND=filesystem) and the harness's log directory,
+  - the Procfile's four processes (gunicorn, detect worker, callbacks worker, beat) started by
+    tests.faults.harness.Stack exactly as `make run` starts them, each in its own process group,
+    killed (SIGTERM, then SIGKILL) at the end.
+Redis database 12 holds the rate-limit cache (THROTTLE_RATE=1000000/s: never limits; its keys
+expire within a second) and the (unused) result backend.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PHOTOS = ROOT / "tests" / "photos"
+BIN = ROOT / ".venv" / "bin"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+REDIS_DB = 12
+RABBIT_ENV = {"ERL_EPMD_ADDRESS": "127.0.0.1"}
+OTHER_LOAD_LIMIT = 0.25  # cores used by other people's processes during a turn before it counts as noisy
+
+
+def log(message):
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def photo_names():
+    return sorted(p.name for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+
+
+def detect_engines():
+    """The engines to measure: both when the settings know DETECT_ENGINE, else the default only."""
+    text = (ROOT / "face_detect_api" / "settings.py").read_text()
+    return ["onnx", "tensorflow"] if re.search(r"^DETECT_ENGINE\s*=", text, re.M) else ["default"]
+
+
+def uptime():
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except Exception:
+        with open("/proc/loadavg") as f:
+            return "load average " + " ".join(f.read().split()[:3])
+
+
+def percentile(values, p):
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def table(header, rows):
+    """Rows of strings as an aligned plain-text table."""
+    rows = [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [header, ["-" * w for w in widths], *rows]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+# --- Cleanup ------------------------------------------------------------------------------------
+
+
+class Cleanup:
+    """Undo steps, run in reverse order; each failure is logged and the rest still run."""
+
+    def __init__(self):
+        self._steps = []
+
+    def add(self, name, func):
+        self._steps.append((name, func))
+
+    def run(self):
+        # A second Ctrl-C during cleanup must not leave things behind.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            while self._steps:
+                name, func = self._steps.pop()
+                try:
+                    func()
+                except BaseException as error:  # keep cleaning up the rest
+                    log(f"cleanup of {name} failed: {error!r}")
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _raise_exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def install_signal_handlers():
+    """Ctrl-C (even when started in the background, where SIGINT is ignored by default), SIGTERM and
+    SIGHUP unwind the stack, so `finally` cleans up."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_exit)
+    signal.signal(signal.SIGHUP, _raise_exit)
+
+
+def run_cmd(argv, env=None, timeout=60, check=True):
+    result = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv))} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
+    return result
+
+
+def stop_process_group(proc, grace=8):
+    """SIGTERM the process group we started (start_new_session), wait, then SIGKILL it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    # Pool children or gunicorn workers may outlive their parent: kill whatever is left in the group.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+# --- Shared resources: vhost, databases ----------------------------------------------------------
+
+
+class Vhost:
+    def __init__(self, name):
+        self.name = name
+        self.url = f"amqp://guest:guest@127.0.0.1:5672/{name}"
+        self.env = {**os.environ, **RABBIT_ENV}
+
+    def create(self, cleanup):
+        run_cmd(["rabbitmqctl", "add_vhost", self.name], env=self.env, timeout=60)
+        cleanup.add(f"vhost {self.name}", self.delete)
+        run_cmd(["rabbitmqctl", "set_permissions", "-p", self.name, "guest", ".*", ".*", ".*"], env=self.env, timeout=60)
+
+    def delete(self):
+        run_cmd(["rabbitmqctl", "delete_vhost", self.name], env=self.env, timeout=60, check=False)
+
+
+def _pg(sql, dbname="postgres"):
+    import psycopg
+
+    with psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname=dbname, autocommit=True,
+                         connect_timeout=10) as conn:
+        return conn.execute(sql)
+
+
+def drop_database(name):
+    _pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def clone_database(template, name):
+    drop_database(name)
+    _pg(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+
+
+# --- The stack --------------------------------------------------------------------------------
+
+
+def base_env(vhost_url, database_url, media_root):
+    """The platform's environment for a benchmark stack: its own database, vhost and media root,
+    platform defaults for everything the test environment (tests/testenv.py) would override."""
+    return {
+        "DATABASE_URL": database_url,
+        "CELERY_BROKER_URL": vhost_url,
+        "CELERY_RESULT_BACKEND": f"redis://127.0.0.1:6379/{REDIS_DB}",
+        "REDIS_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
+        "STORAGE_BACKEND": "filesystem",
+        "MINIO_ENDPOINT": "",
+        "MEDIA_ROOT": str(media_root),
+        "CALLBACK_ALLOWED_NETWORKS": "127.0.0.1/32",
+        "THROTTLE_RATE": "1000000/s",
+        # platform defaults (tests/testenv.py shortens these)
+        "CALLBACK_RETRY_DELAYS": "5,30,120,600,1800,3600,10800,21600",
+        "CALLBACK_TIMEOUT": "10",
+        "CALLBACK_DISPATCH_INTERVAL": "1",
+        "DEBUG": "false",
+        "LOG_LEVEL": "INFO",
+        "SECRET_KEY": "bench-not-a-secret-0123456789abcdefghijklmnopqrstuvwxyz",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+
+
+class BenchStack:
+    """One platform instance: the Procfile's processes on a vhost, database and media root of its own."""
+
+    def __init__(self, name, tag, cleanup, env=None, template_db=None, api_workers=4, concurrency=2):
+        from tests.faults.harness import Database, Stack
+
+        self.name = name
+        self.concurrency = concurrency
+        self.api_workers = api_workers
+        self.cleanup = cleanup
+        self.vhost = Vhost(f"face_detect_bench_{tag}_{name}")
+        self.vhost.create(cleanup)
+        self.db_name = f"face_detect_bench_{tag}_{name}"
+        self.database = Database(self.db_name)
+        self.media_root = Path(tempfile.mkdtemp(prefix=f"face-detect-bench-{name}-"))
+        cleanup.add(f"media root {name}", lambda: shutil.rmtree(self.media_root, ignore_errors=True))
+        stack_env = {**base_env(self.vhost.url, self.database.url, self.media_root), **(env or {})}
+        self.stack = Stack(f"bench-{name}", stack_env)
+        cleanup.add(f"logs {name}", lambda: shutil.rmtree(self.stack.logdir, ignore_errors=True))
+        cleanup.add(f"database {self.db_name}", lambda: drop_database(self.db_name))
+        if template_db:
+            clone_database(template_db, self.db_name)
+        else:
+            self.database.create(self.stack)  # ensure_database + migrate
+        cleanup.add(f"processes {name}", self.stop)
+        self.credentials = None
+
+    @property
+    def base_url(self):
+        return self.stack.base_url
+
+    def start(self):
+        """gunicorn, the detect worker (waits for every pool child's "detector ready"), callbacks, beat."""
+        s = self.stack
+        s._spawn("api", s.procfile("api", GUNICORN_WORKERS=str(self.api_workers)))
+        s._spawn("detect", s.procfile("worker", WORKER_CONCURRENCY=str(self.concurrency)))
+        s._spawn("callbacks", s.procfile("callbacks"))
+        beat = s.procfile("beat")
+        beat[beat.index("run/celerybeat-schedule")] = str(s.logdir / "beat-schedule")
+        s._spawn("beat", beat)
+        from tests.conftest import wait_for
+
+        wait_for(s._api_answers, timeout=90, message=f"the API of {self.name}")
+        s._wait_log("detect", "detector ready", self.concurrency, timeout=180)
+        s._wait_log("callbacks", " ready.", 1, timeout=90)
+        self.credentials = s.create_client()
+        return self
+
+    def stop(self):
+        for proc in self.stack.procs.values():
+            stop_process_group(proc)
+
+    def log(self, process):
+        return self.stack.log(process)
+
+    def processes(self, tree=None):
+        """{kind: [pid, ...]} of the running processes: gunicorn master / workers, detect parent /
+        pool children, callbacks, beat."""
+        tree = tree if tree is not None else children_map()
+        kinds = {}
+        for name, proc in self.stack.procs.items():
+            if proc.poll() is not None:
+                continue
+            pid = proc.pid
+            kids = tree.get(pid, [])
+            if name == "api":
+                kinds["gunicorn master"] = [pid]
+                kinds["gunicorn workers"] = kids
+            elif name == "detect":
+                kinds["detect parent"] = [pid]
+                kinds["detect children"] = kids
+            else:
+                kinds[name] = [pid] + descendants(pid, tree)
+        return kinds
+
+    def all_pids(self, tree=None):
+        tree = tree if tree is not None else children_map()
+        pids = set()
+        for proc in self.stack.procs.values():
+            if proc.poll() is None:
+                pids |= {proc.pid, *descendants(proc.pid, tree)}
+        return pids
+
+
+# --- Callbacks -----------------------------------------------------------------------------------
+
+
+class _TimedList(list):
+    """tests.receiver.Receiver appends every request here under its lock: stamp its arrival."""
+
+    def __init__(self, on_append):
+        super().__init__()
+        self._on_append = on_append
+
+    def append(self, item):
+        item["received_at"] = time.perf_counter()
+        super().append(item)
+        self._on_append(item)
+
+
+class TimedReceiver:
+    """tests.receiver.Receiver (a real HTTP server) with the arrival time of each callback, and a
+    condition to wait on."""
+
+    def __init__(self):
+        from tests.receiver import Receiver
+
+        self.receiver = Receiver()
+        self.cond = threading.Condition()
+        self.receiver.requests = _TimedList(self._arrived)
+        self.arrivals = {}  # path -> (first arrival time, event type)
+
+    def _arrived(self, item):
+        try:
+            kind = json.loads(item["body"]).get("type")
+        except ValueError:
+            kind = None
+        with self.cond:
+            self.arrivals.setdefault(item["path"], (item["received_at"], kind))
+            self.cond.notify_all()
+
+    def url(self, path):
+        return self.receiver.url(path)
+
+    def wait(self, paths, deadline):
+        """Wait until every path got a callback or perf_counter() reaches deadline; returns the missing."""
+        with self.cond:
+            while True:
+                missing = [p for p in paths if p not in self.arrivals]
+                if not missing or time.perf_counter() >= deadline:
+                    return missing
+                self.cond.wait(min(1.0, max(0.01, deadline - time.perf_counter())))
+
+    def close(self):
+        self.receiver.close()
+
+
+def submit(session, stack, name, data, request_id, callback_url):
+    """POST one upload; returns the image id. Raises on anything but 202."""
+    response = session.post(
+        f"{stack.base_url}/api/v1/images/",
+        headers={"Authorization": f"Bearer {stack.credentials['api_key']}"},
+        files={"image": (name, data)},
+        data={"request_id": request_id, "callback_url": callback_url},
+        timeout=60,
+    )
+    if response.status_code != 202:
+        raise RuntimeError(f"upload {request_id}: {response.status_code} {response.text[:300]}")
+    return response.json()["id"]
+
+
+# --- /proc -------------------------------------------------------------------------------------
+
+
+def read_stat(pid):
+    """(comm, ppid, own ticks, reaped children's ticks) of a process, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    close = data.rfind(b")")
+    comm = data[data.find(b"(") + 1:close].decode(errors="replace")
+    fields = data[close + 2:].split()
+    return comm, int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+
+def all_pids():
+    return [int(e) for e in os.listdir("/proc") if e.isdigit()]
+
+
+def children_map():
+    tree = {}
+    for pid in all_pids():
+        stat = read_stat(pid)
+        if stat:
+            tree.setdefault(stat[1], []).append(pid)
+    return tree
+
+
+def descendants(pid, tree):
+    out, todo = [], list(tree.get(pid, []))
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo += tree.get(child, [])
+    return out
+
+
+def rss_mb(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def machine_busy_ticks():
+    """CPU ticks the whole machine spent since boot (all cores; idle and iowait excluded)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    return sum(fields) - fields[3] - fields[4]
+
+
+def listener_pid(port, comms):
+    """The pid (of a process named in comms) holding the listening TCP socket on this port."""
+    inodes = set()
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(f"socket:[{fields[9]}]")
+        except OSError:
+            pass
+    for pid in all_pids():
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() not in comms:
+                    continue
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class CpuMeter:
+    """CPU seconds by group between start() and stop().
+
+    Groups: the caller's own labelled pid sets (each with its descendants), "bench" (this process
+    and any other descendant of it not labelled), "pg" (PostgreSQL backends serving the
+    benchmark's databases), "services" (the shared local RabbitMQ, Redis and PostgreSQL's own
+    background processes: other people's work on them lands here too), and "other" = the machine's
+    busy CPU time (/proc/stat) minus all of the above: the load of processes that are not the
+    benchmark's. A process's CPU includes that of its children it reaped during the interval
+    (recycled pool children, exited gunicorn workers), so a recycled child is not lost.
+    """
+
+    def __init__(self, db_groups):
+        # {database name: group} for the backends serving the benchmark's databases (a list: "pg")
+        self.db_groups = dict(db_groups) if isinstance(db_groups, dict) else {name: "pg" for name in db_groups}
+        cls = type(self)
+        if cls._servers is None:  # the shared servers' main processes, found once
+            cls._servers = (listener_pid(5432, {"postgres"}), listener_pid(5672, {"beam.smp"}),
+                            listener_pid(6379, {"redis-server"}))
+        self.pg_main, self.rabbit_main, self.redis_main = cls._servers
+        self.me = os.getpid()
+
+    _pg_conn = None
+    _servers = None
+
+    @classmethod
+    def _sessions(cls):
+        """{database: sessions ever opened} from pg_stat_database (one connection, kept open)."""
+        try:
+            if cls._pg_conn is None or cls._pg_conn.closed:
+                import psycopg
+
+                cls._pg_conn = psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres",
+                                               autocommit=True, connect_timeout=5)
+            return dict(cls._pg_conn.execute("select coalesce(datname, ''), sessions from pg_stat_database").fetchall())
+        except Exception:
+            return {}
+
+    @classmethod
+    def close_connection(cls):
+        if cls._pg_conn is not None:
+            cls._pg_conn.close()
+            cls._pg_conn = None
+
+    def _snapshot(self):
+        snap = {}
+        for pid in all_pids():
+            stat = read_stat(pid)
+            if stat:
+                snap[pid] = stat
+        return snap
+
+    def start(self):
+        self.t0 = time.perf_counter()
+        self.sessions0 = self._sessions()
+        self.busy0 = machine_busy_ticks()
+        self.snap0 = self._snapshot()
+        return self
+
+    def stop(self, labelled):
+        """labelled: {group: set of pids (their descendants are included)} -> (wall, {group: seconds})."""
+        snap1 = self._snapshot()
+        busy1 = machine_busy_ticks()
+        wall = time.perf_counter() - self.t0
+        sessions1 = self._sessions()
+        tree = {}
+        for pid, (_, ppid, _, _) in snap1.items():
+            tree.setdefault(ppid, []).append(pid)
+        owner = {}
+        for group, pids in labelled.items():
+            for pid in pids:
+                for p in [pid, *descendants(pid, tree)]:
+                    owner.setdefault(p, group)
+        for p in [self.me, *descendants(self.me, tree)]:
+            owner.setdefault(p, "bench")
+        rabbit_family = set()
+        if self.rabbit_main:
+            rabbit_family = {self.rabbit_main, *descendants(self.rabbit_main, tree)}
+        groups, foreign = {}, []
+        for pid, (comm, ppid, ticks, cticks) in snap1.items():
+            before = self.snap0.get(pid)
+            if before and before[0] == comm:
+                delta = (ticks + cticks) - (before[2] + before[3])
+            else:
+                delta = ticks + cticks
+            group = owner.get(pid)
+            if group is None and comm == "postgres" and self.pg_main in (pid, ppid):
+                words = _cmdline(pid).split()
+                group = next((g for name, g in self.db_groups.items() if name in words), None)
+                if pid == self.pg_main:
+                    group = "services"
+                    # Its reaped children are client backends that came and went (a connection per
+                    # task: Celery's Django fixup closes them after every task). Share their CPU by
+                    # the sessions each database opened meanwhile (pg_stat_database.sessions).
+                    delta = ticks - (before[2] if before and before[0] == comm else 0)
+                    reaped = cticks - (before[3] if before and before[0] == comm else 0)
+                    opened = {db: n - self.sessions0.get(db, 0) for db, n in sessions1.items()}
+                    total_opened = sum(max(0, n) for n in opened.values())
+                    for db, g in self.db_groups.items():
+                        if total_opened and opened.get(db, 0) > 0:
+                            share = reaped * opened[db] / total_opened / CLK_TCK
+                            groups[g] = groups.get(g, 0.0) + share
+                            groups[f"{g} sessions"] = groups.get(f"{g} sessions", 0) + opened[db]
+                elif group is None and not any(w.startswith("127.") or w.startswith("[local]") for w in words):
+                    group = "services"  # checkpointer, walwriter, autovacuum, ... (not a client backend)
+            elif group is None and (pid in rabbit_family or comm == "epmd" or pid == self.redis_main):
+                group = "services"
+            if group is not None:
+                groups[group] = groups.get(group, 0.0) + delta / CLK_TCK
+            elif delta > 0:
+                foreign.append((delta / CLK_TCK, pid, comm, ppid))
+        total = (busy1 - self.busy0) / CLK_TCK
+        sessions = {k: groups.pop(k) for k in list(groups) if k.endswith(" sessions")}
+        if os.environ.get("BENCH_DEBUG_OTHER"):
+            foreign.sort(reverse=True)
+            log(f"foreign processes {sum(f[0] for f in foreign):.2f} s of machine {total:.2f} s, "
+                f"attributed {sum(groups.values()):.2f} s: {foreign[:8]}; postmaster reaped "
+                f"{(snap1[self.pg_main][3] - self.snap0[self.pg_main][3]) / CLK_TCK:.2f} s")
+        groups["other"] = max(0.0, total - sum(groups.values()))
+        groups["machine"] = total
+        groups.update(sessions)  # new PostgreSQL sessions of the benchmark's databases (counts, not seconds)
+        return wall, groups
+
+
+class RssSampler(threading.Thread):
+    """Every `interval` seconds: VmRSS of every process of `stack`, by kind, plus a progress value."""
+
+    def __init__(self, stack, progress, interval=1.0):
+        super().__init__(daemon=True)
+        self.stack, self.progress, self.interval = stack, progress, interval
+        self.samples = []  # (t, progress, {kind: {pid: rss_mb}})
+        self._stop_event = threading.Event()
+
+    def sample(self):
+        kinds = self.stack.processes()
+        row = {}
+        for kind, pids in kinds.items():
+            row[kind] = {pid: rss for pid in pids if (rss := rss_mb(pid)) is not None}
+        self.samples.append((time.perf_counter(), self.progress(), row))
+
+    def run(self):
+        while not self._stop_event.is_set():
+            try:
+                self.sample()
+            except Exception as error:  # a process vanished mid-read: try again next second
+                log(f"rss sample failed: {error!r}")
+            self._stop_event.wait(self.interval)
+
+    def stop(self):
+        self._stop_event.set()
+        self.join(timeout=10)
+
+
+def wait_quiet(labelled, db_groups, limit=OTHER_LOAD_LIMIT, max_wait=30.0, window=1.0):
+    """Wait (at most max_wait seconds) until other people's processes use at most `limit` cores over
+    a `window`-second sample; returns the last sample's other load."""
+    deadline = time.perf_counter() + max_wait
+    warned = False
+    while True:
+        meter = CpuMeter(db_groups).start()
+        time.sleep(window)
+        wall, groups = meter.stop(labelled())
+        other = groups["other"] / wall
+        if other <= limit or time.perf_counter() >= deadline:
+            return other
+        if not warned:
+            log(f"other load {other:.2f} cores: waiting up to {max_wait:.0f} s for it to drop")
+            warned = True
