@@ -191,9 +191,12 @@ class TcpProxy:
         self._conns = []
         self._listener = None
         self._lock = threading.Lock()
+        self._open = False
         self.restore()
 
     def restore(self):
+        with self._lock:
+            self._open = True
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
@@ -213,6 +216,10 @@ class TcpProxy:
                 client.close()
                 continue
             with self._lock:
+                if not self._open:  # accepted just as the proxy was cut: drop it too
+                    client.close()
+                    upstream.close()
+                    continue
                 self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
@@ -232,6 +239,8 @@ class TcpProxy:
                     pass
 
     def cut(self):
+        with self._lock:
+            self._open = False
         self._listener.close()
         with self._lock:
             for conn in self._conns:
