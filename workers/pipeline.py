@@ -73,8 +73,9 @@ def _create(rows, batch_fields=None):
         with transaction.atomic():
             batch = Batch.objects.create(**batch_fields) if batch_fields is not None else None
             images = Image.objects.bulk_create(Image(batch=batch, **row) for row in rows)
-            ids = [image.pk for image in images]
-            transaction.on_commit(lambda: [enqueue(image_id) for image_id in ids])
+            # Whether each needs fetching is known here; enqueue need not ask the database again.
+            jobs = [(image.pk, not image.original_key) for image in images]
+            transaction.on_commit(lambda: [enqueue(image_id, fetch) for image_id, fetch in jobs])
     except BaseException:
         for row in rows:
             if row.get("original_key"):
@@ -157,12 +158,14 @@ def build(image_id, fetch=False):
     return chain(*steps).on_error(tasks.on_pipeline_error.s(image_id=image_id))
 
 
-def enqueue(image_id):
+def enqueue(image_id, fetch=None):
     """Publish the chain (with publisher confirms). Returns False if the broker did not take it;
-    the image stays `queued` with no `enqueued_at`, and the sweeper sends it later."""
-    needs_fetch = Image.objects.filter(pk=image_id, original_key="").exclude(source_url="").exists()
+    the image stays `queued` with no `enqueued_at`, and the sweeper sends it later. `fetch` says
+    whether the original must first be fetched from its URL; None reads it from the row."""
+    if fetch is None:
+        fetch = Image.objects.filter(pk=image_id, original_key="").exclude(source_url="").exists()
     try:
-        build(image_id, fetch=needs_fetch).apply_async()
+        build(image_id, fetch=fetch).apply_async()
     except Exception:
         logger.warning("could not enqueue image %s; the sweeper will retry", image_id, exc_info=True)
         return False
