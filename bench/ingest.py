@@ -72,6 +72,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench.stack import drop_database, listener_pid, log, machine_busy_ticks
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PHOTOS = ROOT / "tests" / "photos"
@@ -82,10 +84,6 @@ THROTTLE_RATE = "1000000/s"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 FOREIGN_LIMIT = 0.25  # cores used by other people's processes during a phase before it counts as noisy
 RABBIT_ENV = {"ERL_EPMD_ADDRESS": "127.0.0.1"}
-
-
-def log(message):
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def load1():
@@ -189,41 +187,6 @@ def raw_request(host, path, auth, body):
 
 
 # --- CPU accounting from /proc ---------------------------------------------------------------
-
-def listener_pid(port, comms):
-    """The pid (of a process named in comms) holding the listening TCP socket on this port."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                        inodes.add(f"socket:[{fields[9]}]")
-        except OSError:
-            pass
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/comm") as f:
-                if f.read().strip() not in comms:
-                    continue
-            for fd in os.listdir(f"/proc/{entry}/fd"):
-                if os.readlink(f"/proc/{entry}/fd/{fd}") in inodes:
-                    return int(entry)
-        except OSError:
-            continue
-    return None
-
-
-def machine_busy_ticks():
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    return user + nice + system + irq + softirq + steal
-
 
 def proc_snapshot():
     """pid -> (comm, ppid, cpu ticks, cmdline for postgres processes)."""
@@ -637,13 +600,6 @@ def client_id(database_url, name):
 
     with psycopg.connect(database_url, connect_timeout=10) as conn:
         return conn.execute("select id from api_client where name = %s", [name]).fetchone()[0]
-
-
-def drop_database(name):
-    import psycopg
-
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True, connect_timeout=10) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def flush_throttle_keys():

@@ -54,9 +54,9 @@ from bench.stack import (
     RssSampler,
     TimedReceiver,
     detect_engines,
-    install_signal_handlers,
     log,
     photo_names,
+    run_benchmark,
     submit,
     table,
     uptime,
@@ -162,20 +162,7 @@ def main():
     if args.engine and detect_engines() == ["default"]:
         parser.error("--engine: face_detect_api/settings.py has no DETECT_ENGINE")
 
-    install_signal_handlers()
-    cleanup = Cleanup()
-    cleanup.add("pg stats connection", CpuMeter.close_connection)
-    began = time.perf_counter()
-    up_before = uptime()
-    try:
-        return run(args, cleanup, began, up_before)
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    finally:
-        log("cleaning up")
-        cleanup.run()
-        log(f"done in {time.perf_counter() - began:.0f} s")
+    return run_benchmark(run, args)
 
 
 def nearest(samples, when):

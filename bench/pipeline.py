@@ -93,14 +93,13 @@ from bench.stack import (
     PHOTOS,
     ROOT,
     BenchStack,
-    Cleanup,
     CpuMeter,
     TimedReceiver,
     detect_engines,
-    install_signal_handlers,
     log,
     percentile,
     photo_names,
+    run_benchmark,
     stop_process_group,
     submit,
     table,
@@ -404,20 +403,7 @@ def main():
     if args.ceiling_worker:
         return serve_ceiling(args.ceiling_worker, args.model_dir, args.components)
 
-    install_signal_handlers()
-    cleanup = Cleanup()
-    cleanup.add("pg stats connection", CpuMeter.close_connection)
-    began = time.perf_counter()
-    up_before = uptime()
-    try:
-        return run(args, cleanup, began, up_before)
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    finally:
-        log("cleaning up")
-        cleanup.run()
-        log(f"done in {time.perf_counter() - began:.0f} s")
+    return run_benchmark(run, args)
 
 
 def run(args, cleanup, began, up_before):

@@ -612,3 +612,22 @@ def wait_quiet(labelled, db_groups, limit=OTHER_LOAD_LIMIT, max_wait=30.0, windo
         if not warned:
             log(f"other load {other:.2f} cores: waiting up to {max_wait:.0f} s for it to drop")
             warned = True
+
+
+def run_benchmark(run, args):
+    """Run `run(args, cleanup, began, up_before)` with signal handling, and clean up after it
+    whatever happens (the shared entry point of bench.pipeline and bench.memory)."""
+    install_signal_handlers()
+    cleanup = Cleanup()
+    cleanup.add("pg stats connection", CpuMeter.close_connection)
+    began = time.perf_counter()
+    up_before = uptime()
+    try:
+        return run(args, cleanup, began, up_before)
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        log("cleaning up")
+        cleanup.run()
+        log(f"done in {time.perf_counter() - began:.0f} s")
