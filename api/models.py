@@ -100,7 +100,7 @@ class Image(CallbackState):
 
     Status transitions, each made by a compare-and-set update:
       queued -> processing       a worker claims it (detect_faces)
-      processing -> done         the annotated image is stored (draw_annotation)
+      processing -> done         faces saved and the annotated image stored (detect_faces)
       queued|processing -> failed   a permanent error, or the attempt cap (`poison`)
     An image submitted by URL has no stored original until `fetch_original` stores it (then
     width, height, format and sha256 are known too).

@@ -11,9 +11,9 @@ What runs
   One whole stack (bench/stack.py: the Procfile's gunicorn with 4 sync workers, the detect worker
   with WORKER_CONCURRENCY=2, the callbacks worker and beat, as `make run` starts them, on a
   database, RabbitMQ vhost and filesystem MEDIA_ROOT of its own). WORKER_MAX_TASKS_PER_CHILD and
-  WORKER_MAX_MEMORY_PER_CHILD_MB keep the platform's defaults unless given: each image is three
-  tasks on the detect queue (detect_faces, save_faces, draw_annotation), so a child that has run
-  N tasks has seen about N / 3 images.
+  WORKER_MAX_MEMORY_PER_CHILD_MB keep the platform's defaults unless given: each image is one
+  task on the detect queue (detect_faces), so a child that has run N tasks has seen about N
+  images.
 
 Images
   The photos of tests/photos/ as they are, plus each of them resized (bilinear, JPEG quality 90)

@@ -105,3 +105,27 @@ def test_a_retry_after_a_transient_error_does_not_use_up_an_attempt(api, setting
     for _ in range(5):  # a storage outage waited out with five retries
         assert pipeline.claim(image.pk, "retrying-task", new_attempt=False) is not None
     assert Image.objects.get(pk=image.pk).attempts == 2
+
+
+FACE = {"box": {"x": 1, "y": 2, "width": 30, "height": 40}, "confidence": 0.99,
+        "keypoints": {"left_eye": [10, 12], "right_eye": [20, 12], "nose": [15, 20], "mouth_left": [11, 30], "mouth_right": [19, 30]}}
+
+
+def test_a_worker_that_lost_its_claim_saves_no_faces_and_does_not_finish(api):
+    image = accepted_image(api, status="processing", task_id="new-owner", attempts=2)
+
+    assert not pipeline.finish(image, "old-owner", [FACE], 100, "annotated/x.jpg")
+
+    image.refresh_from_db()
+    assert (image.status, image.face_count, image.annotated_key, image.faces.count()) == ("processing", None, "", 0)
+
+
+def test_finishing_twice_under_the_same_claim_is_refused_and_leaves_one_set_of_faces(api):
+    image = accepted_image(api, status="processing", task_id="owner", attempts=1)
+
+    assert pipeline.finish(image, "owner", [FACE, FACE], 100, "annotated/x.jpg")
+    assert not pipeline.finish(image, "owner", [FACE], 100, "annotated/x.jpg")  # redelivered after the commit
+
+    image.refresh_from_db()
+    assert (image.status, image.face_count, image.faces.count()) == ("done", 2, 2)
+    assert image.task_id == ""

@@ -20,8 +20,11 @@ MASK_MARGIN = 0.15
 
 def annotate(data, faces, mode="boxes"):
     """Return (bytes, format): PNG stays PNG, everything else becomes JPEG."""
-    source_format = _format_of(data)
-    image = load_upright_rgb(data)
+    return annotate_image(load_upright_rgb(data), faces, mode, _format_of(data))
+
+
+def annotate_image(image, faces, mode, source_format):
+    """`annotate` for a photo already decoded by `load_upright_rgb` (drawn on in place)."""
     if mode == "boxes":
         _draw_boxes(image, faces)
     else:

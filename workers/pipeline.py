@@ -148,11 +148,11 @@ def store_fetched(image_id, data, inspected):
 
 
 def build(image_id, fetch=False):
-    """[fetch ->] detect -> save faces -> draw -> callback, with one errback that fails the image."""
+    """[fetch ->] detect, save faces and draw -> callback, with one errback that fails the image."""
     from . import tasks
 
     image_id = str(image_id)
-    steps = [tasks.detect_faces.si(image_id), tasks.save_faces.s(), tasks.draw_annotation.s(), tasks.send_callback.s()]
+    steps = [tasks.detect_faces.si(image_id), tasks.send_callback.s()]
     if fetch:
         steps.insert(0, tasks.fetch_original.si(image_id))
     return chain(*steps).on_error(tasks.on_pipeline_error.s(image_id=image_id))
@@ -196,34 +196,6 @@ def claim(image_id, task_id, new_attempt=True):
     return image
 
 
-def owned(image_id, token):
-    """The image if it is still processing under this claim, else None."""
-    return Image.objects.filter(pk=image_id, status=Status.PROCESSING, task_id=token).first()
-
-
-def save_faces(image_id, token, faces, detect_ms):
-    """Replace the image's faces in one transaction; a redelivered task leaves no duplicates."""
-    with transaction.atomic():
-        image = Image.objects.select_for_update().filter(pk=image_id, status=Status.PROCESSING, task_id=token).first()
-        if image is None:
-            return False
-        Face.objects.filter(image=image).delete()
-        Face.objects.bulk_create(
-            Face(
-                image=image,
-                index=index,
-                confidence=face["confidence"],
-                keypoints=face["keypoints"],
-                **face["box"],
-            )
-            for index, face in enumerate(faces)
-        )
-        image.face_count = len(faces)
-        image.detect_ms = detect_ms
-        image.save(update_fields=["face_count", "detect_ms"])
-    return True
-
-
 def _terminal_fields(has_callback):
     fields = {"finished_at": timezone.now(), "task_id": ""}
     if has_callback:
@@ -231,15 +203,26 @@ def _terminal_fields(has_callback):
     return fields
 
 
-def finish(image, token, annotated_key):
-    """processing -> done under this claim."""
-    finished = Image.objects.filter(pk=image.pk, status=Status.PROCESSING, task_id=token).update(
-        status=Status.DONE, annotated_key=annotated_key, error_code="", error_message="",
-        **_terminal_fields(bool(image.callback_url)),
-    )
-    if finished and image.batch_id:
+def finish(image, token, faces, detect_ms, annotated_key):
+    """processing -> done under this claim, the image's faces replaced, in one transaction: a
+    redelivered task leaves no duplicates, and a task that lost its claim writes nothing.
+    Returns True if it finished the image."""
+    with transaction.atomic():
+        finished = Image.objects.filter(pk=image.pk, status=Status.PROCESSING, task_id=token).update(
+            status=Status.DONE, annotated_key=annotated_key, face_count=len(faces), detect_ms=detect_ms,
+            error_code="", error_message="", **_terminal_fields(bool(image.callback_url)),
+        )
+        if not finished:
+            return False
+        # The row is locked by the update until the commit: no other claim can interleave.
+        Face.objects.filter(image_id=image.pk).delete()
+        Face.objects.bulk_create(
+            Face(image_id=image.pk, index=index, confidence=face["confidence"], keypoints=face["keypoints"], **face["box"])
+            for index, face in enumerate(faces)
+        )
+    if image.batch_id:
         settle_batch(image.batch_id)
-    return bool(finished)
+    return True
 
 
 def fail(image_id, code, message):
@@ -306,7 +289,7 @@ def resend_callback(image_id):
 def delete(image):
     """Remove an image now: its objects first (StorageUnavailable leaves everything as it was),
     then its row, faces and attempts. A worker still busy with it finds the row gone and removes
-    what it wrote (see draw_annotation)."""
+    what it wrote (see tasks.detect_faces)."""
     keys = [image.original_key, image.annotated_key, storage.annotated_key(image.pk, "JPEG"),
             storage.annotated_key(image.pk, "PNG")]
     for key in dict.fromkeys(k for k in keys if k):

@@ -52,11 +52,19 @@ def fetch_original(image_id):
 
 @shared_task(bind=True, **RETRY)
 def detect_faces(self, image_id):
-    """Claim the image and find its faces. Returns what save_faces needs."""
+    """Claim the image, find its faces, draw them, store the annotated image, then save the faces
+    and mark it done in one transaction.
+
+    One task for the three steps: the photo is read and decoded once, and one message is
+    published per image instead of three. The final write checks the claim, so a worker that lost
+    it (a redelivery, the sweeper, an operator's re-run) saves nothing. Returns the image id for
+    the callback, the next task of the chain.
+    """
     # A message redelivered after its worker died counts as a new attempt; a retry after a
     # transient error does not.
     new_attempt = not self.request.retries or bool((self.request.delivery_info or {}).get("redelivered"))
-    image = pipeline.claim(image_id, self.request.id, new_attempt=new_attempt)
+    token = self.request.id
+    image = pipeline.claim(image_id, token, new_attempt=new_attempt)
     if image is None:
         raise Ignore()  # another worker owns it, or it already ended: stop this chain quietly
     data = _read_original(image)
@@ -68,29 +76,10 @@ def detect_faces(self, image_id):
     faces = detection.find_faces(upright, image.min_face_size, image.min_confidence)
     detect_ms = round((time.perf_counter() - started) * 1000)
     logger.info("image %s: %d faces in %d ms", image_id, len(faces), detect_ms)
-    return {"image_id": image_id, "token": self.request.id, "faces": faces, "detect_ms": detect_ms}
-
-
-@shared_task(**RETRY)
-def save_faces(detected):
-    """Replace the image's Face rows with the detection's."""
-    if not pipeline.save_faces(detected["image_id"], detected["token"], detected["faces"], detected["detect_ms"]):
-        raise Ignore()
-    return {"image_id": detected["image_id"], "token": detected["token"]}
-
-
-@shared_task(**RETRY)
-def draw_annotation(saved):
-    """Draw boxes (or mask faces) on the original, store it under its fixed key, mark it done."""
-    image = pipeline.owned(saved["image_id"], saved["token"])
-    if image is None:
-        raise Ignore()
-    data = _read_original(image)
-    faces = [face.as_dict() for face in image.faces.all()]
-    output, output_format = drawing.annotate(data, faces, image.annotation)
+    output, output_format = drawing.annotate_image(upright, faces, image.annotation, image.format)
     key = storage.annotated_key(image.pk, output_format)
     storage.put(key, output)
-    if not pipeline.finish(image, saved["token"], key):
+    if not pipeline.finish(image, token, faces, detect_ms, key):
         if not Image.objects.filter(pk=image.pk).exists():
             storage.delete(key)  # deleted while we drew: leave no orphan behind
         raise Ignore()
