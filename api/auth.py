@@ -1,7 +1,13 @@
 """Bearer API-key authentication and the per-client rate limit."""
 
+import functools
 import logging
+import threading
+import time
 
+import redis
+from cachetools import TTLCache
+from django.conf import settings
 from rest_framework import authentication, exceptions, throttling
 
 from .models import Client, hash_api_key
@@ -24,7 +30,7 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
             api_key = header[1].decode("ascii")
         except UnicodeDecodeError:
             raise exceptions.AuthenticationFailed("Invalid API key.") from None
-        client = Client.objects.filter(api_key_hash=hash_api_key(api_key), is_active=True).first()
+        client = active_client(hash_api_key(api_key))
         if client is None:
             raise exceptions.AuthenticationFailed("Invalid API key.")
         return client, None
@@ -34,9 +40,63 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         return self.keyword
 
 
+_known_clients = None
+_known_clients_lock = threading.Lock()
+
+
+def active_client(key_hash):
+    """The active client whose key has this hash, or None.
+
+    Found clients are remembered in this process for AUTH_CACHE_SECONDS, which spares every
+    request a query: a deactivated client's key keeps working at most that long. Unknown keys
+    are never remembered, so a new client's key works at once.
+    """
+    global _known_clients
+    ttl = settings.AUTH_CACHE_SECONDS
+    if ttl <= 0:
+        return Client.objects.filter(api_key_hash=key_hash, is_active=True).first()
+    with _known_clients_lock:
+        if _known_clients is None or _known_clients.ttl != ttl:
+            _known_clients = TTLCache(maxsize=1024, ttl=ttl)
+        client = _known_clients.get(key_hash)
+    if client is None:
+        client = Client.objects.filter(api_key_hash=key_hash, is_active=True).first()
+        if client is not None:
+            with _known_clients_lock:
+                _known_clients[key_hash] = client
+    return client
+
+
+# Sliding-window counter, atomic in Redis: the previous window's count, weighted by how much of
+# it still lies within the last `duration` seconds, plus this window's. A request is counted
+# only if it is allowed, so a client over its rate still gets its rate's worth through.
+SLIDING_WINDOW = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local previous = tonumber(redis.call('GET', KEYS[2]) or '0')
+if previous * tonumber(ARGV[2]) + current >= tonumber(ARGV[1]) then
+    return 0
+end
+redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+
+@functools.cache
+def rate_limit_redis():
+    """This process's Redis client for rate limits (its connection pool survives a fork)."""
+    return redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=1, socket_timeout=1)
+
+
+@functools.cache
+def _sliding_window():
+    return rate_limit_redis().register_script(SLIDING_WINDOW)
+
+
 class ClientRateThrottle(throttling.SimpleRateThrottle):
-    """Requests per client, counted in the shared cache; fails open if the cache is down,
-    since refusing every request would be worse than not limiting for a while."""
+    """Requests per client, counted in Redis by one script call (one round trip, atomic, so
+    concurrent API processes never lose counts). Fails open if Redis is down, since refusing
+    every request would be worse than not limiting for a while."""
 
     scope = "client"
 
@@ -46,8 +106,24 @@ class ClientRateThrottle(throttling.SimpleRateThrottle):
         return None
 
     def allow_request(self, request, view):
-        try:
-            return super().allow_request(request, view)
-        except Exception:  # the cache (Redis) is unreachable
-            logger.warning("rate-limit cache unavailable; request allowed", exc_info=True)
+        if self.rate is None:
             return True
+        key = self.get_cache_key(request, view)
+        if key is None:
+            return True
+        window, elapsed = divmod(time.time(), self.duration)
+        window = int(window)
+        try:
+            allowed = _sliding_window()(
+                keys=[f"{key}:{window}", f"{key}:{window - 1}"],
+                args=[self.num_requests, 1 - elapsed / self.duration, 2 * self.duration],
+            )
+        except (redis.RedisError, OSError):
+            logger.warning("rate-limit store unavailable; request allowed", exc_info=True)
+            return True
+        # When refused: this window's count alone may already be at the rate, so wait for the next.
+        self.retry_after = self.duration - elapsed
+        return bool(allowed)
+
+    def wait(self):
+        return self.retry_after

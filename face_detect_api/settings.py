@@ -201,16 +201,9 @@ if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
 DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = envint("DATABASE_CONNECT_TIMEOUT", 5, 1)
 
 
-# --- Cache (rate limits shared by every API process) ----------------------------------------
+# --- Redis (rate limits shared by every API process: api/auth.py) ---------------------------
 
 REDIS_URL = envstr("REDIS_URL", "redis://127.0.0.1:6379/1")
-CACHES = {
-    "default": {
-        "BACKEND": "django.core.cache.backends.redis.RedisCache",
-        "LOCATION": REDIS_URL,
-        "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1},
-    }
-}
 
 
 # --- Celery ----------------------------------------------------------------------------------
@@ -350,6 +343,8 @@ RETENTION_DAYS = envint("RETENTION_DAYS", 30, minimum=1)
 # --- REST framework --------------------------------------------------------------------------
 
 THROTTLE_RATE = envstr("THROTTLE_RATE", "50/s")
+# A deactivated client's key keeps working at most this long in each API process.
+AUTH_CACHE_SECONDS = envint("AUTH_CACHE_SECONDS", 5, minimum=0, maximum=300)
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["api.auth.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],

@@ -71,10 +71,12 @@ def onnx_models():
 
 @pytest.fixture(autouse=True)
 def _fresh_rate_limits():
-    """Throttle counters live in Redis and outlive a test's database."""
-    from django.core.cache import cache
+    """Throttle counters live in Redis and outlive a test's database; remembered API keys would
+    outlive it too."""
+    from api import auth
 
-    cache.clear()
+    auth.rate_limit_redis().flushdb()
+    auth._known_clients = None
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ and nothing stored or enqueued."""
 
 import io
 import struct
+import time
 import zlib
 
 import PIL.Image
@@ -77,6 +78,27 @@ def test_it_refuses_a_bad_key(db, header):
 
 def test_it_refuses_a_revoked_client(api, integrator):
     client, _ = integrator
+    client.is_active = False
+    client.save()
+    assert_error(api.get("/api/v1/images/"), 401, "not_authenticated")
+
+
+def test_a_revoked_client_is_refused_once_its_remembered_key_expires(api, integrator, settings):
+    settings.AUTH_CACHE_SECONDS = 1
+    client, _ = integrator
+    assert api.get("/api/v1/images/").status_code == 200
+    client.is_active = False
+    client.save()
+
+    assert api.get("/api/v1/images/").status_code == 200  # remembered by this process
+    time.sleep(1.1)
+    assert_error(api.get("/api/v1/images/"), 401, "not_authenticated")
+
+
+def test_with_no_auth_cache_a_revoked_client_is_refused_at_once(api, integrator, settings):
+    settings.AUTH_CACHE_SECONDS = 0
+    client, _ = integrator
+    assert api.get("/api/v1/images/").status_code == 200
     client.is_active = False
     client.save()
     assert_error(api.get("/api/v1/images/"), 401, "not_authenticated")
@@ -242,6 +264,20 @@ def test_it_throttles_a_burst_over_the_clients_rate(api, settings):
     assert statuses[:3] == [200, 200, 200]
     assert_error(response, 429, "throttled")
     assert int(response["Retry-After"]) > 0
+
+
+def test_the_rate_limit_weighs_the_previous_window_and_counts_only_allowed_requests():
+    from api import auth
+
+    store = auth.rate_limit_redis()
+    store.set("throttle:test:previous", 4)
+    # Half of the previous window still overlaps: 4 x 0.5 = 2 of a rate of 5 are used.
+    allowed = [auth._sliding_window()(keys=["throttle:test:current", "throttle:test:previous"], args=[5, 0.5, 10])
+               for _ in range(5)]
+
+    assert allowed == [1, 1, 1, 0, 0]
+    assert int(store.get("throttle:test:current")) == 3
+    assert 0 < store.ttl("throttle:test:current") <= 10
 
 
 def test_an_unknown_route_answers_json(api):
