@@ -96,10 +96,14 @@ class ImageViewSet(
             logger.warning("upload refused: storage unavailable", exc_info=True)
             raise errors.service_unavailable("Storage is unavailable; nothing was accepted. Try again.") from None
 
-        body = self.get_serializer(image).data
+        body = ImageSerializer.represent(image, self.get_serializer_context())
         if not created:
             return Response(body, status=status.HTTP_200_OK)
         return Response(body, status=status.HTTP_202_ACCEPTED, headers={"Location": body_url(request, image)})
+
+    def retrieve(self, request, *args, **kwargs):
+        # The status poll: as DRF's, with the kept serializer.
+        return Response(ImageSerializer.represent(self.get_object(), self.get_serializer_context()))
 
     def perform_destroy(self, image):
         try:

@@ -97,3 +97,25 @@ def test_options_are_stored(api):
 
     image = Image.objects.get(pk=response.json()["id"])
     assert (image.min_face_size, image.min_confidence, image.annotation) == (40, 0.95, "blur")
+
+
+def test_the_kept_serializer_gives_what_a_fresh_one_gives_for_every_state(api, settings):
+    from django.test import RequestFactory
+    from rest_framework.request import Request
+
+    from api.models import Face
+    from api.serializers import ImageSerializer
+
+    queued, done, failed = (Image.objects.get(pk=upload(api, request_id=f"r{n}").json()["id"]) for n in range(3))
+    Image.objects.filter(pk=done.pk).update(status="done", face_count=1, annotated_key=f"annotated/{done.pk}.jpg")
+    Face.objects.create(image=done, index=0, x=1, y=2, width=30, height=40, confidence=0.99, keypoints={
+        name: [5, 6] for name in ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")})
+    Image.objects.filter(pk=failed.pk).update(status="failed", error_code="poison", error_message="gave up")
+
+    settings.ALLOWED_HOSTS = ["one.example", "two.example"]
+    for host in ("one.example", "two.example"):  # the context (the request) changes between calls
+        context = {"request": Request(RequestFactory().get("/", HTTP_HOST=host))}
+        for image in Image.objects.prefetch_related("faces").order_by("request_id"):
+            kept = ImageSerializer.represent(image, context)
+            assert json.dumps(kept, default=str) == json.dumps(ImageSerializer(image, context=context).data, default=str)
+            assert host in kept["original_url"]
