@@ -48,8 +48,10 @@ def test_it_accepts_an_upload_stores_it_and_enqueues_after_commit(api, integrato
     assert headers["task"] == "workers.tasks.detect_faces"
     args, kwargs, embed = payload
     assert args == [str(image.pk)]
-    # The rest of the chain rides along with the first message, ids only.
-    assert [task["task"] for task in embed["chain"]] == ["workers.tasks.send_callback"]
+    # The next step and the errback ride along with the first message, ids only.
+    assert [task["task"] for task in embed["callbacks"]] == ["workers.tasks.send_callback"]
+    assert [(task["task"], task["kwargs"]) for task in embed["errbacks"]] == [
+        ("workers.tasks.on_pipeline_error", {"image_id": str(image.pk)})]
     json.dumps(payload)  # JSON over the wire, nothing pickled
 
 
