@@ -4,7 +4,7 @@ Run from the repository root:  .venv/bin/python -m bench.ingest [--storage files
     [--connections 8] [--duration 15] [--warmup 3] [--rounds 2] [--variants platform,baseline,tuned]
     [--client auto|wrk|python] [--workers 4] [--gunicorn-args '...'] [--reruns 1] [--budget 150]
     [--profile-requests 100] [--patch-effects] [--no-profile]
-(TUNED_PATCHES=response,auth,... in the environment limits the tuned variant to those patches.)
+(TUNED_PATCHES=publish,fswrite,... in the environment limits the tuned variant to those patches.)
 
 What it builds (all of it its own, all of it removed at the end)
   - a PostgreSQL database `face_detect_bench_<pid>` (`manage.py ensure_database` + `migrate`),
@@ -606,7 +606,7 @@ def flush_throttle_keys():
     import redis
 
     client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB, socket_timeout=5)
-    keys = list(client.scan_iter(match=":1:throttle:client:*", count=1000))
+    keys = list(client.scan_iter(match="throttle:client:*", count=1000))
     if keys:
         client.delete(*keys)
 
