@@ -53,8 +53,9 @@ def queue(model, pk, attempt=0):
 def _resource(target):
     from api.serializers import BatchSerializer, ImageSerializer
 
-    serializer = ImageSerializer if isinstance(target, Image) else BatchSerializer
-    return serializer(target).data
+    if isinstance(target, Image):
+        return ImageSerializer.represent(target, {})
+    return BatchSerializer(target).data
 
 
 def deliver(model, pk, attempt):
