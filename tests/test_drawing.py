@@ -63,3 +63,24 @@ def test_masking_changes_the_face_and_nothing_far_from_it(mode):
     assert output.crop(face).tobytes() != source.crop(face).tobytes()
     far = (400, 0, 512, 100)
     assert output.crop(far).tobytes() == source.crop(far).tobytes()
+
+
+def test_no_icc_profile_or_text_chunk_of_the_original_survives():
+    from PIL import ImageCms, PngImagePlugin
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Author", "SpyCam owner")
+    buffer = io.BytesIO()
+    PIL.Image.open(io.BytesIO(photo("skimage_astronaut.png"))).save(buffer, "PNG", pnginfo=text, icc_profile=profile)
+
+    for source in (buffer.getvalue(), jpeg_with_exif()):
+        with PIL.Image.open(io.BytesIO(source)) as original:
+            if original.format == "JPEG":
+                jpeg = io.BytesIO()
+                original.save(jpeg, "JPEG", exif=original.getexif(), icc_profile=profile)
+                source = jpeg.getvalue()
+        data, _ = drawing.annotate(source, [FACE], "boxes")
+        output = PIL.Image.open(io.BytesIO(data))
+        assert "icc_profile" not in output.info and not output.getexif()
+        assert b"SpyCam" not in data

@@ -63,8 +63,11 @@ def load_upright_rgb(data):
     """Decode bytes to an upright (EXIF orientation applied) RGB Pillow image."""
     try:
         image = PIL.Image.open(io.BytesIO(data))
-        image = PIL.ImageOps.exif_transpose(image)
-        return image.convert("RGB")
+        image.load()
+        # In place: a photo with no orientation to apply is used as decoded, not copied (twice,
+        # with convert): half the decode time of a 1920-px JPEG, 25 -> 12 ms.
+        PIL.ImageOps.exif_transpose(image, in_place=True)
+        return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as error:
         raise UndecodableImage(str(error)) from error
 
