@@ -31,6 +31,16 @@ What runs
             max_side=1024, detector=Detector(threads=1))` (ONNX: `OnnxDetector(dir, threads=1)`).
             They are fed from one queue, one photo at a time, like a prefork pool with prefetch 1.
 
+Split (--split): services off the detection core, as in production
+            With --split, detection gets the last core to itself and everything else the
+            other cores (CPU affinity of every thread, set by this script and undone at the end):
+            the detect worker (parent and its one pool child: concurrency 1) on the last core;
+            gunicorn, the callbacks worker, beat, PostgreSQL, RabbitMQ, Redis and this script
+            (upload clients, receiver) on the others. The ceiling is then one detector process
+            on the last core. The ratio says what a detection core delivers through the whole
+            platform when the API and the services run elsewhere (on a 2-core machine: on the
+            other core), which is how workers are deployed (docs/scaling.md).
+
 Submission (how the queue is kept fed), one turn each
   burst     all submissions of the turn are uploaded up front by 4 client threads; the queue holds
             everything at once. This gives the throughput figure; its latency is mostly waiting in
@@ -95,6 +105,7 @@ from bench.stack import (
     BenchStack,
     CpuMeter,
     TimedReceiver,
+    children_map,
     detect_engines,
     log,
     percentile,
@@ -380,6 +391,59 @@ def ensure_models(engines, cleanup):
     return model_dir
 
 
+def ceiling_processes(args):
+    return 1 if args.split else 2
+
+
+SERVICE_COMMANDS = ("postgres", "beam.smp", "epmd", "erl_child_setup", "inet_gethost", "redis-server")
+
+
+def pin(pids, cpus):
+    """CPU affinity of every thread of these processes (threads and children they start later
+    inherit it). Processes that are gone meanwhile are skipped."""
+    for pid in pids:
+        try:
+            threads = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in threads:
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except OSError:
+                pass
+
+
+def service_pids():
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            if comm in SERVICE_COMMANDS:
+                found.append(int(pid))
+    return found
+
+
+def split_cores(stacks, ceiling_pids, cleanup):
+    """Detection (every stack's detect worker, the ceiling processes) on the last core, the rest
+    of the stacks, the shared services and this script on the others; undone at cleanup."""
+    every = set(range(os.cpu_count()))
+    detection, rest = {max(every)}, every - {max(every)}
+    tree = children_map()
+    detect_pids, other_pids = list(ceiling_pids), [os.getpid(), *service_pids()]
+    for stack in stacks:
+        kinds = stack.processes(tree)
+        detect_pids += kinds.get("detect parent", []) + kinds.get("detect children", [])
+        other_pids += [pid for kind, pids in kinds.items() if not kind.startswith("detect") for pid in pids]
+    cleanup.add("CPU affinity", lambda: pin([*detect_pids, *other_pids, *service_pids()], every))
+    pin(other_pids, rest)
+    pin(detect_pids, detection)
+    log(f"split: detection on CPU {max(every)} ({len(detect_pids)} processes), "
+        f"everything else on CPU {','.join(map(str, sorted(rest)))} ({len(other_pids)} processes)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
@@ -395,6 +459,8 @@ def main():
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for every stack (repeatable), e.g. to try a setting")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", action="store_true",
+                        help="detection alone on the last core, everything else on the others (concurrency 1)")
     parser.add_argument("--ceiling-worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--components", action="store_true", help=argparse.SUPPRESS)
@@ -409,7 +475,9 @@ def run(args, cleanup, began, up_before):
     engines = detect_engines() if args.engines == "auto" else [e.strip() for e in args.engines.split(",")]
     if detect_engines() == ["default"] and engines != ["default"]:
         raise SystemExit("--engines: face_detect_api/settings.py has no DETECT_ENGINE; the workers would ignore it")
-    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    concurrencies = [1] if args.split else [int(c) for c in args.concurrency.split(",")]
+    if args.split and (os.cpu_count() or 1) < 2:
+        raise SystemExit("--split needs at least 2 cores")
     modes = [m.strip() for m in args.modes.split(",")]
     model_dir = ensure_models(engines, cleanup)
     names = photo_names()
@@ -436,7 +504,7 @@ def run(args, cleanup, began, up_before):
             template = template or stacks[(engine, c)].db_name
     ceilings = {}
     for engine in engines:
-        ceilings[engine] = [CeilingProcess(engine, model_dir, measure=(i == 0)) for i in range(2)]
+        ceilings[engine] = [CeilingProcess(engine, model_dir, measure=(i == 0)) for i in range(ceiling_processes(args))]
         for p in ceilings[engine]:
             cleanup.add(f"ceiling {engine}", p.close)
     for key, stack in stacks.items():
@@ -444,6 +512,8 @@ def run(args, cleanup, began, up_before):
         stack.start()
     for engine, procs in ceilings.items():
         wait_readable(procs, timeout=300)
+    if args.split:
+        split_cores(stacks.values(), [p.proc.pid for procs in ceilings.values() for p in procs], cleanup)
     log("warming up the stacks (every photo once)")
     for stack in stacks.values():
         pipeline_turn(stack, receiver, submitter, names, "burst", "warm", lambda: CpuMeter([]), dict, 1)
@@ -537,7 +607,8 @@ def report(args, engines, variants, turns, stacks, began, loaded, measured, up_b
         print(f"extra stack environment: {' '.join(args.env)}")
     print(f"{len(photo_names())} photos x {args.repeat} = {len(photo_names()) * args.repeat} submissions per turn, "
           f"{args.rounds} rounds, {os.cpu_count()} cores, engines: {', '.join(engines)}; "
-          f"gunicorn {args.api_workers} sync workers; ceiling = 2 single-threaded detector processes")
+          f"gunicorn {args.api_workers} sync workers; ceiling = {ceiling_processes(args)} single-threaded detector "
+          f"process(es)" + ("; split: detection alone on the last core, everything else on the others" if args.split else ""))
     print()
     header = ("engine", "variant", "turns", "img/s best", "img/s all", "vs ceiling", "latency p50/p95/p99 s",
               "upload p50 ms", "own cores", "other load", "failed", "note")
@@ -595,7 +666,7 @@ def report(args, engines, variants, turns, stacks, began, loaded, measured, up_b
             if variant == "ceiling":
                 secs = [r["seconds"] for t in used for r in t["records"]]
                 rows.append((engine, variant, f"{sum(secs) / images * 1000:.0f}", f"{sum(secs) / images * 1000:.0f}",
-                             "-", f"{sum(secs) / (2 * wall):.2f}"))
+                             "-", f"{sum(secs) / (ceiling_processes(args) * wall):.2f}"))
                 continue
             c = int(variant.split()[0][1:])
             busy = sum(sum(t["tasks"].get("detect_faces", [])) for t in used)
