@@ -34,7 +34,8 @@ What runs
 Split (--split): services off the detection core, as in production
             With --split, detection gets the last core to itself and everything else the
             other cores (CPU affinity of every thread, set by this script and undone at the end):
-            the detect worker (parent and its one pool child: concurrency 1) on the last core;
+            the detect worker (parent and pool children; concurrency 1 unless --concurrency
+            says otherwise: 2 processes on the one core overlap one's waits with the other's work);
             gunicorn, the callbacks worker, beat, PostgreSQL, RabbitMQ, Redis and this script
             (upload clients, receiver) on the others. The ceiling is then one detector process
             on the last core. The ratio says what a detection core delivers through the whole
@@ -129,7 +130,8 @@ CPU_GROUPS = ("children", "parent", "api", "callbacks", "beat", "pg", "services"
 def components(photos, detector, passes=2):
     """CPU ms per photo (mean over the photos, best of `passes`) of each piece of work the platform
     does for an image, in this one process: the API's upload check (api.uploads.inspect_image:
-    a full decode), and the detect_faces task's decode, find_faces and drawing (draw, encode)."""
+    a draft-mode decode of JPEGs), and the detect_faces task's decode, find_faces and drawing
+    (draw, encode in the output format: PNG for PNG, else JPEG)."""
     import django
 
     django.setup()
@@ -137,10 +139,11 @@ def components(photos, detector, passes=2):
     from workers.detection import find_faces, load_upright_rgb
     from workers.drawing import annotate_image
 
+    formats = {name: inspect_image(data).format for name, data in photos.items()}
     best = {}
     for _ in range(passes):
         spent = {"inspect_image (API)": 0.0, "decode (worker)": 0.0, "find_faces": 0.0, "draw + encode": 0.0}
-        for data in photos.values():
+        for name, data in photos.items():
             t = time.process_time()
             inspect_image(data)
             spent["inspect_image (API)"] += time.process_time() - t
@@ -151,7 +154,7 @@ def components(photos, detector, passes=2):
             faces = find_faces(image, 20, 0.9, max_side=MAX_SIDE, detector=detector)
             spent["find_faces"] += time.process_time() - t
             t = time.process_time()
-            annotate_image(image, faces, "boxes", "JPEG")
+            annotate_image(image, faces, "boxes", formats[name])
             spent["draw + encode"] += time.process_time() - t
         for key, value in spent.items():
             best[key] = min(best.get(key, float("inf")), value / len(photos) * 1000)
@@ -448,7 +451,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--repeat", type=int, default=4, help="submissions per turn = photos x this (default 4: 52)")
-    parser.add_argument("--concurrency", default="1,2", help="WORKER_CONCURRENCY values (default 1,2)")
+    parser.add_argument("--concurrency", help="WORKER_CONCURRENCY values (default 1,2; with --split 1)")
     parser.add_argument("--modes", default="burst,window", help="submission modes (default burst,window)")
     parser.add_argument("--engines", default="auto", help="auto (both if settings know DETECT_ENGINE), or a list")
     parser.add_argument("--window", type=int, default=0, help="clients in window mode (default 2 x concurrency + 1)")
@@ -460,7 +463,7 @@ def main():
                         help="extra environment for every stack (repeatable), e.g. to try a setting")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", action="store_true",
-                        help="detection alone on the last core, everything else on the others (concurrency 1)")
+                        help="detection alone on the last core, everything else on the others")
     parser.add_argument("--ceiling-worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--components", action="store_true", help=argparse.SUPPRESS)
@@ -475,7 +478,7 @@ def run(args, cleanup, began, up_before):
     engines = detect_engines() if args.engines == "auto" else [e.strip() for e in args.engines.split(",")]
     if detect_engines() == ["default"] and engines != ["default"]:
         raise SystemExit("--engines: face_detect_api/settings.py has no DETECT_ENGINE; the workers would ignore it")
-    concurrencies = [1] if args.split else [int(c) for c in args.concurrency.split(",")]
+    concurrencies = [int(c) for c in (args.concurrency or ("1" if args.split else "1,2")).split(",")]
     if args.split and (os.cpu_count() or 1) < 2:
         raise SystemExit("--split needs at least 2 cores")
     modes = [m.strip() for m in args.modes.split(",")]
