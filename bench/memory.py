@@ -348,7 +348,7 @@ def measure(args, engine, images, sides, sequence, cleanup):
     recycled = set(child_pids) != first_children or last_children != first_children
     print(f"Pool child PIDs at start {sorted(first_children)}, at the end {sorted(last_children)}; "
           f"{len(child_pids)} children seen: recycling {'happened' if recycled else 'did not happen'}.")
-    header = ("child pid", "first seen at image", "last seen at image", "tasks run", "~images", "RSS first / peak / last MB",
+    header = ("child pid", "first seen at image", "last seen at image", "images (tasks) run", "RSS first / peak / last MB",
               "ended because")
     rows = []
     for pid in child_pids:
@@ -363,7 +363,7 @@ def measure(args, engine, images, sides, sequence, cleanup):
             reason = f"WORKER_MAX_MEMORY_PER_CHILD_MB ({max_mem})"
         else:
             reason = "exited (cause not in the log)"
-        rows.append((str(pid), str(seen[0][1]), str(seen[-1][1]), str(tasks), f"{tasks / 3:.0f}",
+        rows.append((str(pid), str(seen[0][1]), str(seen[-1][1]), str(tasks),
                      f"{rss[0]:.0f} / {max(rss):.0f} / {rss[-1]:.0f}", reason))
     print(table(header, rows))
     ready = ready_delays(stack.log("detect"), [pid for pid in child_pids if pid not in first_children])
