@@ -62,13 +62,13 @@ import json
 import os
 import random
 import selectors
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from bench.stack import PipeWorker
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTOS = REPO / "tests" / "photos"
@@ -161,30 +161,14 @@ def read_table(photo_dir):
     return rows
 
 
-class Worker:
+class Worker(PipeWorker):
     """One engine subprocess, spoken to over its stdin/stdout pipes."""
 
     def __init__(self, engine, photo_dir):
-        self.engine = engine
-        self.log = tempfile.TemporaryFile(mode="w+")
         env = dict(os.environ)
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.detector", "--worker", engine, "--photos", str(photo_dir)],
-            cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-        )
-
-    def send(self, request):
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-
-    def receive(self):
-        line = self.proc.stdout.readline()
-        if not line:
-            self.log.seek(0)
-            tail = self.log.read()[-3000:]
-            raise RuntimeError(f"worker {self.engine} exited with {self.proc.wait()}:\n{tail}")
-        return json.loads(line)
+        argv = [sys.executable, "-m", "bench.detector", "--worker", engine, "--photos", str(photo_dir)]
+        super().__init__(f"worker {engine}", argv, env)
 
     def close(self):
         self.proc.stdin.close()

@@ -62,7 +62,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -72,7 +71,18 @@ import threading
 import time
 from pathlib import Path
 
-from bench.stack import drop_database, listener_pid, log, machine_busy_ticks
+from bench.stack import (
+    Cleanup,
+    all_pids,
+    children_map,
+    drop_database,
+    install_signal_handlers,
+    listener_pid,
+    log,
+    machine_busy_ticks,
+    read_stat,
+    stop_process_group,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -102,50 +112,6 @@ def run(cmd, env=None, timeout=60, check=True):
     if check and result.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
     return result
-
-
-# --- Cleanup: everything started is registered here and undone in reverse order ---------------
-
-
-class Cleanup:
-    def __init__(self):
-        self._steps = []
-
-    def add(self, name, func):
-        self._steps.append((name, func))
-
-    def run(self):
-        while self._steps:
-            name, func = self._steps.pop()
-            started = time.monotonic()
-            try:
-                func()
-            except Exception as error:  # keep cleaning up the rest
-                log(f"cleanup of {name} failed: {error}")
-            if time.monotonic() - started > 3:
-                log(f"cleanup of {name} took {time.monotonic() - started:.0f}s")
-
-
-def _raise_exit(signum, frame):
-    raise SystemExit(128 + signum)
-
-
-def stop_process(proc, grace=8):
-    """SIGTERM the process group we started (start_new_session), wait, then SIGKILL it."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=5)
 
 
 # --- Test images and request bodies ---------------------------------------------------------
@@ -189,29 +155,23 @@ def raw_request(host, path, auth, body):
 # --- CPU accounting from /proc ---------------------------------------------------------------
 
 def proc_snapshot():
-    """pid -> (comm, ppid, cpu ticks, cmdline for postgres processes)."""
+    """pid -> (comm, ppid, cpu ticks, cmdline for postgres processes, reaped children's ticks).
+    The reaped children's CPU counts PostgreSQL backends closed mid-phase (CONN_MAX_AGE) through
+    their postmaster."""
     table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    for pid in all_pids():
+        stat = read_stat(pid)
+        if stat is None:
             continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        close = data.rfind(b")")
-        comm = data[data.find(b"(") + 1:close].decode(errors="replace")
-        fields = data[close + 2:].split()
+        comm, ppid, ticks, reaped = stat
         cmdline = ""
         if comm == "postgres":
             try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
                     cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 pass
-        # Own CPU, plus (fields 13-14) CPU of children that exited and were reaped: PostgreSQL
-        # backends closed mid-phase (CONN_MAX_AGE) are counted through their postmaster that way.
-        table[int(entry)] = (comm, int(fields[1]), int(fields[11]) + int(fields[12]), cmdline, int(fields[13]) + int(fields[14]))
+        table[pid] = (comm, ppid, ticks, cmdline, reaped)
     return table
 
 
@@ -486,17 +446,7 @@ class Server:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True)
 
     def pids(self):
-        pids = {self.proc.pid}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat", "rb") as f:
-                        data = f.read()
-                    if int(data[data.rfind(b")") + 2:].split()[1]) == self.proc.pid:
-                        pids.add(int(entry))
-                except (OSError, ValueError):
-                    pass
-        return pids
+        return {self.proc.pid, *children_map().get(self.proc.pid, [])}
 
     def wait_ready(self, workers, timeout=45):
         """Until every worker has booted (imported Django) and the port answers."""
@@ -520,7 +470,7 @@ class Server:
 
     def stop(self):
         if self.proc is not None:
-            stop_process(self.proc)
+            stop_process_group(self.proc)
             self.log_file.close()
 
 
@@ -538,7 +488,7 @@ def start_moto(workdir, cleanup):
     )
     log_file = open(workdir / "moto.log", "wb")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=workdir, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    cleanup.add("moto", lambda: (stop_process(proc), log_file.close()))
+    cleanup.add("moto", lambda: (stop_process_group(proc), log_file.close()))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -709,8 +659,7 @@ def main():
     if unknown:
         parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
 
-    signal.signal(signal.SIGTERM, _raise_exit)
-    signal.signal(signal.SIGHUP, _raise_exit)
+    install_signal_handlers()
     cleanup = Cleanup()
     started = time.monotonic()
     try:

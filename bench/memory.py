@@ -57,6 +57,7 @@ from bench.stack import (
     log,
     photo_names,
     run_benchmark,
+    run_clients,
     submit,
     table,
     uptime,
@@ -270,13 +271,7 @@ def measure(args, engine, images, sides, sequence, cleanup):
             if len(done) % 50 == 0:
                 log(f"{len(done)} images done")
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(args.clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(max(0.0, deadline - time.perf_counter()) + 5)
-    if errors:
-        raise errors[0]
+    run_clients(client, args.clients, deadline, errors)
     if len(done) < args.images:
         raise RuntimeError(f"only {len(done)} of {args.images} images finished before the deadline")
     finished = time.perf_counter()

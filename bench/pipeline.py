@@ -105,6 +105,7 @@ from bench.stack import (
     ROOT,
     BenchStack,
     CpuMeter,
+    PipeWorker,
     TimedReceiver,
     children_map,
     detect_engines,
@@ -112,6 +113,7 @@ from bench.stack import (
     percentile,
     photo_names,
     run_benchmark,
+    run_clients,
     stop_process_group,
     submit,
     table,
@@ -188,28 +190,12 @@ def serve_ceiling(engine, model_dir, measure=False):
         replies.flush()
 
 
-class CeilingProcess:
+class CeilingProcess(PipeWorker):
     def __init__(self, engine, model_dir, measure=False):
-        self.log = tempfile.TemporaryFile(mode="w+")
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "DJANGO_SETTINGS_MODULE": "face_detect_api.settings",
                "SECRET_KEY": "bench-not-a-secret-0123456789abcdefghijklmnopqrstuvwxyz"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.pipeline", "--ceiling-worker", engine, "--model-dir", str(model_dir or "")]
-            + (["--components"] if measure else []),
-            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-            start_new_session=True,
-        )
-
-    def send(self, request):
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-
-    def receive(self):
-        line = self.proc.stdout.readline()
-        if not line:
-            self.log.seek(0)
-            raise RuntimeError(f"ceiling process exited with {self.proc.wait()}:\n{self.log.read()[-3000:]}")
-        return json.loads(line)
+        argv = [sys.executable, "-m", "bench.pipeline", "--ceiling-worker", engine, "--model-dir", str(model_dir or "")]
+        super().__init__("ceiling process", argv + (["--components"] if measure else []), env, start_new_session=True)
 
     def close(self):
         stop_process_group(self.proc, grace=3)
@@ -304,13 +290,7 @@ class Submitter:
                     errors.append(RuntimeError(f"no callback for {record[0]} before the deadline"))
                     return
 
-        threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(max(0.0, deadline - time.perf_counter()) + 5)
-        if errors:
-            raise errors[0]
+        run_clients(client, clients, deadline, errors)
         return sent
 
 

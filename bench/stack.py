@@ -141,6 +141,40 @@ def stop_process_group(proc, grace=8):
         pass
 
 
+class PipeWorker:
+    """A subprocess spoken to in JSON lines over its stdin and stdout; its stderr is kept to say
+    why, should it exit."""
+
+    def __init__(self, name, argv, env, **popen):
+        self.name = name
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, **popen)
+
+    def send(self, request):
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+
+    def receive(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            self.log.seek(0)
+            raise RuntimeError(f"{self.name} exited with {self.proc.wait()}:\n{self.log.read()[-3000:]}")
+        return json.loads(line)
+
+
+def run_clients(client, count, deadline, errors):
+    """`count` threads running `client` until it returns, each join bounded by `deadline`
+    (perf_counter); re-raises the first error the clients put in `errors`."""
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, deadline - time.perf_counter()) + 5)
+    if errors:
+        raise errors[0]
+
+
 # --- Shared resources: vhost, databases ----------------------------------------------------------
 
 
