@@ -198,6 +198,9 @@ except ValueError as error:
     raise ImproperlyConfigured(f"Environment variable DATABASE_URL is invalid: {error}") from error
 if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
     raise ImproperlyConfigured("Environment variable DATABASE_URL must be a postgres:// URL")
+# Django's backend, with a health check of kept connections that looks at the socket instead of
+# sending `SELECT 1` (face_detect_api/postgresql/base.py says what it does and does not see).
+DATABASES["default"]["ENGINE"] = "face_detect_api.postgresql"
 DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = envint("DATABASE_CONNECT_TIMEOUT", 5, 1)
 
 
