@@ -4,6 +4,7 @@ and callback retries coming due."""
 from datetime import timedelta
 
 import pytest
+from django.db import connection, transaction
 from django.utils import timezone
 
 from api.models import Image
@@ -41,6 +42,25 @@ def test_an_image_never_enqueued_is_sent_after_the_grace_period(api, settings):
     assert [args for _task, args, _kw in tasks_on("detect")] == [[str(stale.pk)]]
     assert Image.objects.get(pk=stale.pk).enqueued_at is not None
     assert Image.objects.get(pk=fresh.pk).enqueued_at is None
+
+
+def _synchronous_commit():
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        return cursor.fetchone()[0]
+
+
+def test_the_enqueued_mark_skips_the_flush_wait_for_its_own_statement_only(api):
+    image = accepted_image(api, enqueued_at=None)
+    pipeline._mark_enqueued(image.pk)
+    assert Image.objects.get(pk=image.pk).enqueued_at is not None
+    assert _synchronous_commit() == "on"  # the next transaction on this connection waits again
+
+    Image.objects.filter(pk=image.pk).update(enqueued_at=None)
+    with transaction.atomic():  # a caller's transaction keeps its durability
+        pipeline._mark_enqueued(image.pk)
+        assert _synchronous_commit() == "on"
+    assert Image.objects.get(pk=image.pk).enqueued_at is not None
 
 
 def test_an_image_stuck_in_processing_is_handed_to_another_worker(api, settings):

@@ -74,6 +74,27 @@ def test_the_same_request_id_and_bytes_return_the_existing_image_without_a_new_j
     assert _drain_detect_queue() == []
 
 
+def test_a_concurrent_duplicate_that_loses_the_insert_returns_the_winner_and_leaves_nothing(api, monkeypatch):
+    from workers import pipeline
+
+    first = upload(api, request_id="raced")
+    _drain_detect_queue()
+    # The other request checked for the request_id before the first one committed.
+    real_existing, stored = pipeline._existing, []
+    lookups = iter([lambda *args, **kwargs: None])
+    monkeypatch.setattr(pipeline, "_existing", lambda *a, **kw: next(lookups, real_existing)(*a, **kw))
+    real_store = pipeline._store
+    monkeypatch.setattr(pipeline, "_store", lambda *a: stored.append(real_store(*a)) or stored[-1])
+
+    again = upload(api, request_id="raced")
+
+    assert again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    assert Image.objects.count() == 1
+    assert not storage.exists(stored[0][1]["original_key"])  # the loser's object is removed
+    assert _drain_detect_queue() == []
+
+
 def test_the_same_request_id_with_other_bytes_is_a_conflict(api):
     upload(api, "clm_cage.jpg", request_id="same")
 

@@ -9,7 +9,7 @@ import uuid
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -67,19 +67,27 @@ def _store(data, inspected):
 
 def _create(rows, batch_fields=None):
     """Insert the images (and their batch) in one transaction; enqueue them once it commits.
-    If anything fails, the objects already stored for them are removed again."""
+    If anything fails, the objects already stored for them are removed again.
+
+    A single image is one INSERT, atomic on its own: in autocommit it needs no BEGIN and COMMIT,
+    two round trips to PostgreSQL fewer for every upload (and on_commit runs at once). Inside a
+    caller's transaction it keeps its savepoint, so a duplicate request_id spoils nothing."""
     try:
-        with transaction.atomic():
-            batch = Batch.objects.create(**batch_fields) if batch_fields is not None else None
-            images = Image.objects.bulk_create(Image(batch=batch, **row) for row in rows)
-            # Whether each needs fetching is known here; enqueue need not ask the database again.
-            jobs = [(image.pk, not image.original_key) for image in images]
-            transaction.on_commit(lambda: [enqueue(image_id, fetch) for image_id, fetch in jobs])
+        if batch_fields is None and len(rows) == 1 and not connection.in_atomic_block:
+            batch, images = None, [Image.objects.create(**rows[0])]
+        else:
+            with transaction.atomic():
+                batch = Batch.objects.create(**batch_fields) if batch_fields is not None else None
+                images = Image.objects.bulk_create(Image(batch=batch, **row) for row in rows)
     except BaseException:
         for row in rows:
             if row.get("original_key"):
                 _discard(row["original_key"])
         raise
+    # Committed (or part of the caller's transaction): the rows reference the objects from here on.
+    # Whether each needs fetching is known here; enqueue need not ask the database again.
+    jobs = [(image.pk, not image.original_key) for image in images]
+    transaction.on_commit(lambda: [enqueue(image_id, fetch) for image_id, fetch in jobs])
     return batch, images
 
 
@@ -176,8 +184,35 @@ def enqueue(image_id, fetch=None):
     except Exception:
         logger.warning("could not enqueue image %s; the sweeper will retry", image_id, exc_info=True)
         return False
-    Image.objects.filter(pk=image_id).update(enqueued_at=timezone.now())
+    try:
+        _mark_enqueued(image_id)
+    except DatabaseError:
+        # The message is out; without the mark the sweeper sends it again, and the claim lets
+        # only one through. The upload itself is accepted either way.
+        logger.warning("image %s was enqueued but not marked; the sweeper will resend it", image_id, exc_info=True)
     return True
+
+
+def _mark_enqueued(image_id):
+    """Record that the broker confirmed the image's message, committed without waiting for the
+    WAL flush (synchronous_commit off for this one statement's transaction, `set_config(..., true)`).
+
+    The mark only tells the sweeper which accepted images never reached the broker. If PostgreSQL
+    itself crashes in the fraction of a second before the WAL writer flushes it, the mark is lost,
+    the sweeper sends the image again, and the claim lets only one of the two messages through.
+    The image's row, committed before the publish, keeps the full guarantee. Waiting for the
+    flush here cost each upload a third of a millisecond of waiting and an ORM update's CPU."""
+    if connection.in_atomic_block:
+        # Inside a caller's transaction the setting would cover all of its writes: no shortcut.
+        Image.objects.filter(pk=image_id).update(enqueued_at=timezone.now())
+        return
+    table = connection.ops.quote_name(Image._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true)) "
+            f"UPDATE {table} SET enqueued_at = %s FROM async_commit WHERE id = %s",
+            [timezone.now(), image_id],
+        )
 
 
 def claim(image_id, task_id, new_attempt=True):
