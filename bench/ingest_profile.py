@@ -82,15 +82,15 @@ def wrap(owner, attr, name):
 def sql_label(sql):
     head = sql.lstrip().split(None, 1)[0].upper()
     if "enqueued_at" in sql and "synchronous_commit" in sql:
-        return "db: UPDATE enqueued_at (raw, async commit)"
+        return "db: UPDATE enqueued_at (async commit)"
     if head == "SELECT" and "api_client" in sql:
         return "db: SELECT client by key hash (auth)"
     if head == "SELECT" and "source_url" in sql:
         return "db: SELECT EXISTS url-submission? (enqueue's needs_fetch)"
     if head == "INSERT":
-        return "db: INSERT image (in BEGIN..COMMIT)"
+        return "db: INSERT image"
     if head == "UPDATE" and "enqueued_at" in sql:
-        return "db: UPDATE enqueued_at (autocommit: its own commit)"
+        return "db: UPDATE enqueued_at (ORM, autocommit: waits for the flush)"
     return f"db: {head.lower()}"
 
 
@@ -119,7 +119,7 @@ def instrument(connection):
     wrap(views, "inspect_image", "inspect_image: open, header checks, EXIF, sha256 (decode excluded)")
     wrap(PIL.ImageFile.ImageFile, "load", "inspect_image: Pillow full decode (image.load)")
     wrap(storage, "put", "storage write (OverwritingFileSystemStorage.save / S3 PUT)")
-    wrap(pipeline, "submit", "submit: ORM create, atomic, uuid, key (rest)")
+    wrap(pipeline, "submit", "submit: ORM create, uuid, key (rest)")
     wrap(pipeline, "enqueue", "enqueue: (rest)")
     wrap(pipeline, "build", "enqueue: build chain signatures")
     wrap(canvas._chain, "apply_async", "enqueue: celery chain apply_async (freeze, message)")
@@ -129,7 +129,7 @@ def instrument(connection):
     wrap(serializers.ImageSerializer, "to_representation", "response: ImageSerializer fields + to_representation")
     wrap(views, "body_url", "response: Location URL (reverse)")
     wrap(renderers.JSONRenderer, "render", "response: JSON render")
-    wrap(connection, "is_usable", "db: health check SELECT 1 (CONN_HEALTH_CHECKS)")
+    wrap(connection, "close_if_health_check_failed", "db: health check of the kept connection (socket poll)")
     wrap(connection, "commit", "db: COMMIT of the insert")
     del transaction
 
@@ -352,8 +352,7 @@ def main():
     if args.effects:
         from bench import tuned_patches
 
-        # batchmark only changes how enqueued_at writes its marks: measured on top of it.
-        configs = ("none", *(("enqueued_at+batchmark" if p == "batchmark" else p) for p in tuned_patches.ALL_PATCHES), "all")
+        configs = ("none", *tuned_patches.ALL_PATCHES, "all")
         best = {}
         for round_no in range(args.rounds):  # interleaved, order rotated: noise spreads over all of them
             for config in configs[round_no:] + configs[:round_no]:

@@ -3,19 +3,10 @@
 Nothing here is imported by the platform: these are measured proposals. Each is named, can be
 switched on alone with TUNED_PATCHES=name[,name...], and says what it trades.
 
-  healthcheck  CONN_HEALTH_CHECKS off (bench/tuned_settings.py): no `SELECT 1` per request.
-               Trade: after a PostgreSQL restart the first request of each worker fails (500)
-               instead of reconnecting; Django then drops the connection.
-  enqueued_at  enqueue() writes the `UPDATE ... SET enqueued_at` after the publish as one raw
-               statement with `synchronous_commit` off for that transaction only
-               (set_config(..., true)): no ORM, and no WAL flush wait. Trade: if PostgreSQL
-               crashes within ~0.6 s of it, the mark is lost and the sweeper re-sends the chain:
-               a duplicate message, which the pipeline already tolerates (claim is
-               compare-and-set on the image).
-  batchmark    (with enqueued_at) the enqueued_at marks are not written by the request at all: a
-               daemon thread per process writes them every 100 ms, all pending ids in one
-               UPDATE (async commit). Trade: as enqueued_at, plus marks still pending when a
-               worker is killed are lost (resent by the sweeper after ENQUEUE_GRACE_SECONDS).
+  batchmark    The enqueued_at marks are not written by the request at all: a daemon thread per
+               process writes them every 100 ms, all pending ids in one UPDATE (async commit, as
+               the platform's own mark). Trade: marks still pending when a worker is killed are
+               lost (resent by the sweeper after ENQUEUE_GRACE_SECONDS: a duplicate message).
   publish      For uploads (URL submissions keep the signatures, their first step is a fetch),
                the first message published with `send_task` carrying the same linked callback
                and errback (the same message, checked field by field against
@@ -29,7 +20,9 @@ switched on alone with TUNED_PATCHES=name[,name...], and says what it trades.
                Same path, same bytes, same overwrite semantics; MinIO/S3 is unchanged.
 
 Applied to the platform since, and so no longer patched here (BENCHMARKS.md has their before and
-after): one image serializer kept per thread for the response (api/serializers.py), linked
+after): the health check of kept database connections as a socket poll instead of `SELECT 1`
+(face_detect_api/postgresql/base.py), the enqueued_at mark committed without waiting for the WAL
+flush (workers/pipeline.py), one image serializer kept per thread for the response (api/serializers.py), linked
 steps in place of the chain canvas (workers/pipeline.py), the API-key lookup remembered per
 process (api/auth.py, AUTH_CACHE_SECONDS), the rate limit as one atomic Redis call
 (api/auth.py), JPEG draft-mode decoding in the upload check (api/uploads.py), and enqueue()
@@ -42,10 +35,11 @@ import time
 import uuid
 
 from django.conf import settings
+from django.utils import timezone
 
 logger = logging.getLogger("bench.tuned")
 
-ALL_PATCHES = ("healthcheck", "enqueued_at", "batchmark", "publish", "fswrite")
+ALL_PATCHES = ("batchmark", "publish", "fswrite")
 NEXT_TASK = "workers.tasks.send_callback"
 ERRBACK_TASK = "workers.tasks.on_pipeline_error"
 FIRST_TASK = "workers.tasks.detect_faces"
@@ -71,15 +65,9 @@ def apply(names=None):
 def activate(names):
     ACTIVE.clear()
     ACTIVE.update(name for name in names if name != "none")
-    from django.db import connection
-
-    # CONN_HEALTH_CHECKS is read when Django connects: set both the setting and the open connection.
-    enabled = "healthcheck" not in ACTIVE and bool(getattr(settings, "PLATFORM_CONN_HEALTH_CHECKS", True))
-    connection.settings_dict["CONN_HEALTH_CHECKS"] = enabled
-    connection.health_check_enabled = enabled
 
 
-# --- enqueued_at and publish ----------------------------------------------------------------
+# --- batchmark and publish ----------------------------------------------------------------
 
 
 def chain_message_kwargs(app, image_id):
@@ -147,25 +135,16 @@ def _canvas_publish(image_id, fetch=False):
 
 
 def _patch_enqueue():
-    """enqueue() as the platform's, except: with `enqueued_at`, the enqueued_at mark is one raw
-    statement committed asynchronously; with `publish`, the chain goes out through
-    publish_chain."""
-    from django.db import connection
-    from django.utils import timezone
-
+    """enqueue() as the platform's, except: with `publish`, the chain goes out through
+    publish_chain; with `batchmark`, the enqueued_at mark is left to the flusher thread."""
     from api.models import Image
     from workers import pipeline
 
     original_enqueue = pipeline.enqueue
-    table = connection.ops.quote_name(Image._meta.db_table)
-    sql = (
-        "WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true)) "
-        f"UPDATE {table} SET enqueued_at = %s FROM async_commit WHERE id = %s"
-    )
 
     def enqueue(image_id, fetch=None):
-        raw_update, publish = "enqueued_at" in ACTIVE, "publish" in ACTIVE
-        if not (raw_update or publish):
+        publish, batched = "publish" in ACTIVE, "batchmark" in ACTIVE
+        if not (publish or batched):
             return original_enqueue(image_id, fetch)
         if fetch is None:
             fetch = Image.objects.filter(pk=image_id, original_key="").exclude(source_url="").exists()
@@ -174,13 +153,10 @@ def _patch_enqueue():
         except Exception:
             logger.warning("could not enqueue image %s; the sweeper will retry", image_id, exc_info=True)
             return False
-        if raw_update and "batchmark" in ACTIVE:
+        if batched:
             _marks.add(image_id, timezone.now())
-        elif raw_update:
-            with connection.cursor() as cursor:
-                cursor.execute(sql, [timezone.now(), image_id])
         else:
-            Image.objects.filter(pk=image_id).update(enqueued_at=timezone.now())
+            pipeline._mark_enqueued(image_id)
         return True
 
     pipeline.enqueue = enqueue

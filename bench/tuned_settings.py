@@ -8,19 +8,12 @@ import os
 
 from face_detect_api.settings import *  # noqa: F403
 from bench.tuned_patches import ALL_PATCHES
-from face_detect_api.settings import DATABASES
 
 _wanted = os.environ.get("TUNED_PATCHES", "all").strip()
 TUNED_PATCHES = ALL_PATCHES if _wanted in ("", "all") else tuple(p.strip() for p in _wanted.split(",") if p.strip())
 _unknown = set(TUNED_PATCHES) - set(ALL_PATCHES) - {"none"}
 if _unknown:
     raise ValueError(f"TUNED_PATCHES: unknown {', '.join(sorted(_unknown))}; known: {', '.join(ALL_PATCHES)}")
-
-PLATFORM_CONN_HEALTH_CHECKS = DATABASES["default"].get("CONN_HEALTH_CHECKS", False)
-if "healthcheck" in TUNED_PATCHES:
-    # One `SELECT 1` round trip per request less; a connection broken meanwhile fails one request,
-    # after which Django drops it (errors_occurred) and the next request reconnects.
-    DATABASES["default"]["CONN_HEALTH_CHECKS"] = False
 
 # Its own queue, so `bench.ingest` can count the tuned variant's messages apart from the platform's.
 CELERY_TASK_DEFAULT_QUEUE = os.environ.get("TUNED_QUEUE", "tuned_detect")
