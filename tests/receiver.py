@@ -15,6 +15,8 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as the receivers integrators run
+
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 with receiver._lock:
@@ -29,6 +31,7 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.server.daemon_threads = True  # a kept connection's thread must not hold up the exit
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 

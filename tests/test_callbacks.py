@@ -184,3 +184,73 @@ def test_proxy_variables_are_ignored(settings, monkeypatch, local_server):
     monkeypatch.setenv("HTTP_PROXY", "http://10.0.0.1:3128")
     result = callbacks.deliver(callbacks.guarded_session(), f"http://127.0.0.1:{local_server}/p", b"k", "m", b"{}")
     assert result.status_code == 200
+
+
+class _KeepAlive(BaseHTTPRequestHandler):
+    """HTTP/1.1: connections stay open between requests unless `close_after` says otherwise."""
+
+    protocol_version = "HTTP/1.1"
+    connections = []
+    close_after = False
+
+    def setup(self):
+        super().setup()
+        _KeepAlive.connections.append(self.client_address)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+        # Closing without a `Connection: close` header: the client learns it from the socket.
+        self.close_connection = _KeepAlive.close_after
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def keep_alive_server(settings):
+    import ipaddress
+    from http.server import ThreadingHTTPServer
+
+    settings.CALLBACK_ALLOWED_NETWORKS = [ipaddress.ip_network("127.0.0.1/32")]
+    _KeepAlive.connections, _KeepAlive.close_after = [], False
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _KeepAlive)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_worker_thread_reuses_its_connection_to_a_receiver(keep_alive_server):
+    session = callbacks.kept_session()
+    assert callbacks.kept_session() is session
+    for attempt in range(3):
+        assert callbacks.deliver(session, keep_alive_server, b"k", f"msg_{attempt}", b"{}").status_code == 200
+    assert len(_KeepAlive.connections) == 1
+
+
+def test_a_kept_connection_the_receiver_closed_is_replaced_without_a_failed_attempt(keep_alive_server):
+    import time
+
+    _KeepAlive.close_after = True
+    session = callbacks.kept_session()
+    assert callbacks.deliver(session, keep_alive_server, b"k", "msg_1", b"{}").status_code == 200
+    time.sleep(0.2)  # the receiver's close reaches the client's socket
+    assert callbacks.deliver(session, keep_alive_server, b"k", "msg_2", b"{}").status_code == 200
+    assert len(_KeepAlive.connections) == 2
+
+
+def test_callback_connections_send_without_nagle_delay(settings, local_server):
+    """Headers and body go out in two writes: without TCP_NODELAY a kept connection waits for
+    the receiver's delayed ACK (40 ms) before sending the body."""
+    import ipaddress
+
+    settings.CALLBACK_ALLOWED_NETWORKS = [ipaddress.ip_network("127.0.0.1/32")]
+    sock = callbacks.GuardedHTTPConnection("127.0.0.1", local_server)._new_conn()
+    try:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        sock.close()

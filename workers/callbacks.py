@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import ipaddress
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -72,6 +73,8 @@ class _GuardedConnectionMixin:
         family, sockaddr = resolve_allowed(self._dns_host, self.port)
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
+            for option in self.socket_options or ():  # urllib3's own: TCP_NODELAY
+                sock.setsockopt(*option)
             sock.settimeout(self.timeout if isinstance(self.timeout, int | float) else None)
             sock.connect(sockaddr)
         except OSError:
@@ -109,6 +112,21 @@ def guarded_session():
     adapter = GuardedAdapter(max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
+    return session
+
+
+_kept = threading.local()
+
+
+def kept_session():
+    """This thread's guarded session, kept from one delivery to the next so that a receiver's
+    connection is reused (keep-alive) instead of a new TCP, and for https TLS, handshake for every
+    callback. The address check runs whenever a connection is opened; a kept one stays with the
+    address that passed it. A connection the receiver has closed is noticed and replaced before
+    it is used (urllib3 checks it on the way out of its pool)."""
+    session = getattr(_kept, "session", None)
+    if session is None:
+        session = _kept.session = guarded_session()
     return session
 
 

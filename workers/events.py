@@ -73,11 +73,9 @@ def deliver(model, pk, attempt):
 
     event_type = target.event_type
     body = JSONRenderer().render({"type": event_type, "timestamp": timezone.now().isoformat(), "data": _resource(target)})
-    session = callbacks.guarded_session()
-    try:
-        result = callbacks.deliver(session, target.callback_url, target.client.webhook_key, target.callback_event_id, body)
-    finally:
-        session.close()
+    result = callbacks.deliver(
+        callbacks.kept_session(), target.callback_url, target.client.webhook_key, target.callback_event_id, body
+    )
 
     owner = {"image": target} if model is Image else {"batch": target}
     CallbackAttempt.objects.create(
