@@ -106,6 +106,6 @@ def test_postgresql_restarted_under_load(make_stack, receiver, report):
 
         figures = assert_nothing_lost(db, accepted, receiver, stack.storage_endpoint, stack.bucket, timeout=240)
         assert "Retry in" in stack.log("detect")
-        report(fault="PostgreSQL stopped (fast) and restarted mid-batch", **figures)
+        report(fault="PostgreSQL stopped (fast) and restarted mid-batch; 8 uploads right after the restart", **figures)
     finally:
         postgres.cleanup()
