@@ -1,0 +1,127 @@
+"""Where the detect task's time goes besides detection: each step of `workers.tasks.detect_faces`
+timed in one process, and the share of the task the detector's ceiling work takes.
+
+Run from the repository root:  .venv/bin/python -m bench.detect_task [--passes 3] [--engine onnx]
+
+The photos of tests/photos/ are submitted through `pipeline.submit` (stored, rows written, nothing
+published) to a database of the run's own (`face_detect_bench_task_<pid>`, dropped at the end)
+and filesystem storage in a temporary directory, then each is run through `detect_faces.apply()`:
+the task's own code in this process, without Celery's transport (broker, prefork pipe, ack).
+Every step the task calls is wrapped by a timer (wall and this thread's CPU, ms per photo).
+
+`decode + find_faces` is what the pipeline benchmark's ceiling process does per photo, so
+`ceiling share` = (decode + find_faces) / task is the most a detection core can deliver of the
+ceiling through this task, before any Celery overhead.
+"""
+
+import argparse
+import collections
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+from bench.stack import PHOTOS, Cleanup, drop_database, install_signal_handlers, photo_names, table
+
+STEPS = (  # (module, function, label), in the order the task calls them
+    ("workers.pipeline", "claim", "claim (UPDATE, SELECT)"),
+    ("workers.tasks", "_read_original", "read the original"),
+    ("workers.detection", "load_upright_rgb", "decode"),
+    ("workers.detection", "find_faces", "find_faces"),
+    ("workers.drawing", "annotate_image", "draw + encode"),
+    ("api.storage", "put", "store the annotated image"),
+    ("workers.pipeline", "finish", "finish (faces + done, one transaction)"),
+)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--engine", choices=("onnx", "tensorflow"), default="onnx")
+    args = parser.parse_args()
+
+    install_signal_handlers()
+    cleanup = Cleanup()
+    db_name = f"face_detect_bench_task_{os.getpid()}"
+    media = tempfile.mkdtemp(prefix="bench-detect-task-")
+    cleanup.add("media", lambda: shutil.rmtree(media, ignore_errors=True))
+    os.environ.update({
+        "DJANGO_SETTINGS_MODULE": "face_detect_api.settings", "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{db_name}",
+        "STORAGE_BACKEND": "filesystem", "MEDIA_ROOT": media, "DETECT_ENGINE": args.engine, "LOG_LEVEL": "WARNING",
+        "SECRET_KEY": "bench-not-a-secret-0123456789abcdefghijklmnopqrstuvwxyz", "TF_CPP_MIN_LOG_LEVEL": "2",
+    })
+    try:
+        cleanup.add("database", lambda: drop_database(db_name))
+        for command in (["ensure_database"], ["migrate", "--no-input", "-v", "0"]):
+            subprocess.run([sys.executable, "manage.py", *command], check=True, capture_output=True, timeout=120)
+        run(args)
+    finally:
+        cleanup.run()
+
+
+def run(args):
+    import importlib
+
+    import django
+
+    django.setup()
+    from api.models import Client
+    from api.uploads import inspect_image
+    from workers import pipeline, tasks
+
+    spent = collections.defaultdict(lambda: [0.0, 0.0])
+
+    def timed(label, func):
+        def wrapper(*a, **kw):
+            w0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return func(*a, **kw)
+            finally:
+                spent[label][0] += time.perf_counter() - w0
+                spent[label][1] += time.thread_time() - c0
+        return wrapper
+
+    for module, name, label in STEPS:
+        owner = importlib.import_module(module)
+        setattr(owner, name, timed(label, getattr(owner, name)))
+    pipeline.enqueue = lambda *a, **kw: True  # rows only: nothing is published
+
+    client, _key = Client.create_with_credentials("bench-detect-task")
+    photos = [(PHOTOS / name).read_bytes() for name in photo_names()]
+
+    def one_pass():
+        ids = [pipeline.submit(client, {}, data=data, inspected=inspect_image(data))[0].pk for data in photos]
+        for image_id in ids:
+            w0, c0 = time.perf_counter(), time.thread_time()
+            tasks.detect_faces.apply(args=(str(image_id),), task_id=str(uuid.uuid4()))
+            spent["task"][0] += time.perf_counter() - w0
+            spent["task"][1] += time.thread_time() - c0
+        return len(ids)
+
+    one_pass()  # warm-up: the engine's first calls, the connection
+    spent.clear()
+    count = sum(one_pass() for _ in range(args.passes))
+
+    def ms(label):
+        wall, cpu = spent[label]
+        return wall / count * 1000, cpu / count * 1000
+
+    task_wall, task_cpu = ms("task")
+    labels = [label for _m, _n, label in STEPS]
+    rows = [[label, f"{ms(label)[0]:.2f}", f"{ms(label)[1]:.2f}", f"{ms(label)[0] / task_wall:.1%}"] for label in labels]
+    rest = task_wall - sum(ms(label)[0] for label in labels)
+    rows.append(["the task's own code and Celery's apply()", f"{rest:.2f}", f"{task_cpu - sum(ms(lb)[1] for lb in labels):.2f}",
+                 f"{rest / task_wall:.1%}"])
+    rows.append(["task", f"{task_wall:.2f}", f"{task_cpu:.2f}", "100%"])
+    print(f"{count} photos ({len(photos)} x {args.passes} passes), engine {args.engine}, one process; ms per photo\n")
+    print(table(["step", "wall ms", "CPU ms", "share"], rows))
+    ceiling = ms("decode")[0] + ms("find_faces")[0]
+    print(f"\nceiling share: (decode + find_faces) / task = {ceiling:.1f} / {task_wall:.1f} = {ceiling / task_wall:.2f}"
+          " (the most a detection core can deliver of the ceiling through this task, before Celery's transport)")
+
+
+if __name__ == "__main__":
+    main()
