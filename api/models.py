@@ -146,7 +146,8 @@ class Image(CallbackState):
     attempts = models.PositiveSmallIntegerField(default=0)
 
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
-    # Set once the broker confirmed the pipeline's first message; null means not yet enqueued.
+    # When the pipeline's first message was handed to the broker. A new row is written with it set
+    # and enqueue() clears it if the broker refuses; null means the sweeper must send the image.
     enqueued_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -81,8 +81,6 @@ def wrap(owner, attr, name):
 
 def sql_label(sql):
     head = sql.lstrip().split(None, 1)[0].upper()
-    if "enqueued_at" in sql and "synchronous_commit" in sql:
-        return "db: UPDATE enqueued_at (async commit)"
     if head == "SELECT" and "api_client" in sql:
         return "db: SELECT client by key hash (auth)"
     if head == "SELECT" and "source_url" in sql:
@@ -90,7 +88,7 @@ def sql_label(sql):
     if head == "INSERT":
         return "db: INSERT image"
     if head == "UPDATE" and "enqueued_at" in sql:
-        return "db: UPDATE enqueued_at (ORM, autocommit: waits for the flush)"
+        return "db: UPDATE enqueued_at"
     return f"db: {head.lower()}"
 
 

@@ -3,10 +3,6 @@
 Nothing here is imported by the platform: these are measured proposals. Each is named, can be
 switched on alone with TUNED_PATCHES=name[,name...], and says what it trades.
 
-  batchmark    The enqueued_at marks are not written by the request at all: a daemon thread per
-               process writes them every 100 ms, all pending ids in one UPDATE (async commit, as
-               the platform's own mark). Trade: marks still pending when a worker is killed are
-               lost (resent by the sweeper after ENQUEUE_GRACE_SECONDS: a duplicate message).
   publish      For uploads (URL submissions keep the signatures, their first step is a fetch),
                the first message published with `send_task` carrying the same linked callback
                and errback (the same message, checked field by field against
@@ -21,17 +17,17 @@ switched on alone with TUNED_PATCHES=name[,name...], and says what it trades.
 
 Applied to the platform since, and so no longer patched here (BENCHMARKS.md has their before and
 after): the health check of kept database connections as a socket poll instead of `SELECT 1`
-(face_detect_api/postgresql/base.py), the enqueued_at mark committed without waiting for the WAL
-flush (workers/pipeline.py), one image serializer kept per thread for the response (api/serializers.py), linked
-steps in place of the chain canvas (workers/pipeline.py), the API-key lookup remembered per
-process (api/auth.py, AUTH_CACHE_SECONDS), the rate limit as one atomic Redis call
-(api/auth.py), JPEG draft-mode decoding in the upload check (api/uploads.py), and enqueue()
-told by submit whether a fetch is needed (workers/pipeline.py).
+(face_detect_api/postgresql/base.py), the enqueued_at mark written with the row instead of by a
+second statement after the publish (workers/pipeline.py; it replaced the `batchmark` patch, which
+wrote the marks in batches from a thread), one image serializer kept per thread for the response
+(api/serializers.py), linked steps in place of the chain canvas (workers/pipeline.py), the
+API-key lookup remembered per process (api/auth.py, AUTH_CACHE_SECONDS), the rate limit as one
+atomic Redis call (api/auth.py), JPEG draft-mode decoding in the upload check (api/uploads.py),
+and enqueue() told by submit whether a fetch is needed (workers/pipeline.py).
 """
 
 import logging
 import threading
-import time
 import uuid
 
 from django.conf import settings
@@ -39,7 +35,7 @@ from django.utils import timezone
 
 logger = logging.getLogger("bench.tuned")
 
-ALL_PATCHES = ("batchmark", "publish", "fswrite")
+ALL_PATCHES = ("publish", "fswrite")
 NEXT_TASK = "workers.tasks.send_callback"
 ERRBACK_TASK = "workers.tasks.on_pipeline_error"
 FIRST_TASK = "workers.tasks.detect_faces"
@@ -67,7 +63,7 @@ def activate(names):
     ACTIVE.update(name for name in names if name != "none")
 
 
-# --- batchmark and publish ----------------------------------------------------------------
+# --- publish ----------------------------------------------------------------
 
 
 def chain_message_kwargs(app, image_id):
@@ -128,89 +124,31 @@ def publish_chain(image_id, fetch=False):
         raise
 
 
-def _canvas_publish(image_id, fetch=False):
-    from workers import pipeline
-
-    pipeline.build(image_id, fetch=fetch).apply_async()
-
-
 def _patch_enqueue():
-    """enqueue() as the platform's, except: with `publish`, the chain goes out through
-    publish_chain; with `batchmark`, the enqueued_at mark is left to the flusher thread."""
+    """enqueue() as the platform's, except that with `publish` the chain goes out through
+    publish_chain."""
     from api.models import Image
     from workers import pipeline
 
     original_enqueue = pipeline.enqueue
 
-    def enqueue(image_id, fetch=None):
-        publish, batched = "publish" in ACTIVE, "batchmark" in ACTIVE
-        if not (publish or batched):
-            return original_enqueue(image_id, fetch)
+    def enqueue(image_id, fetch=None, marked=False):
+        if "publish" not in ACTIVE:
+            return original_enqueue(image_id, fetch, marked)
         if fetch is None:
             fetch = Image.objects.filter(pk=image_id, original_key="").exclude(source_url="").exists()
         try:
-            (publish_chain if publish else _canvas_publish)(image_id, fetch=fetch)
+            publish_chain(image_id, fetch=fetch)
         except Exception:
             logger.warning("could not enqueue image %s; the sweeper will retry", image_id, exc_info=True)
+            if marked:
+                pipeline._set_enqueued_at(image_id, None)
             return False
-        if batched:
-            _marks.add(image_id, timezone.now())
-        else:
-            pipeline._mark_enqueued(image_id)
+        if not marked:
+            pipeline._set_enqueued_at(image_id, timezone.now())
         return True
 
     pipeline.enqueue = enqueue
-
-
-class _MarkFlusher:
-    """Writes pending enqueued_at marks in batches from a daemon thread (its own DB connection)."""
-
-    INTERVAL = 0.1
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._pending = []
-        self._thread = None
-
-    def add(self, image_id, when):
-        with self._lock:
-            self._pending.append((image_id, when))
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="enqueued-at-flusher", daemon=True)
-                self._thread.start()
-
-    def _run(self):
-        import atexit
-
-        atexit.register(self.flush)
-        while True:
-            time.sleep(self.INTERVAL)
-            self.flush()
-
-    def flush(self):
-        from django.db import connection
-
-        from api.models import Image
-
-        with self._lock:
-            batch, self._pending = self._pending, []
-        if not batch:
-            return
-        table = connection.ops.quote_name(Image._meta.db_table)
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    "WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true)), "
-                    "marks AS (SELECT unnest(%s::uuid[]) AS id, unnest(%s::timestamptz[]) AS at) "
-                    f"UPDATE {table} SET enqueued_at = marks.at FROM marks, async_commit WHERE {table}.id = marks.id",
-                    [[image_id for image_id, _ in batch], [when for _, when in batch]],
-                )
-        except Exception:
-            logger.warning("could not write %d enqueued_at marks; the sweeper will resend them", len(batch), exc_info=True)
-            connection.close()
-
-
-_marks = _MarkFlusher()
 
 
 # --- fswrite -------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ and callback retries coming due."""
 from datetime import timedelta
 
 import pytest
-from django.db import connection, transaction
 from django.utils import timezone
 
 from api.models import Image
@@ -44,23 +43,38 @@ def test_an_image_never_enqueued_is_sent_after_the_grace_period(api, settings):
     assert Image.objects.get(pk=fresh.pk).enqueued_at is None
 
 
-def _synchronous_commit():
-    with connection.cursor() as cursor:
-        cursor.execute("SHOW synchronous_commit")
-        return cursor.fetchone()[0]
+class _RefusedByTheBroker:
+    def apply_async(self, *args, **kwargs):
+        raise ConnectionRefusedError("the broker is down")
 
 
-def test_the_enqueued_mark_skips_the_flush_wait_for_its_own_statement_only(api):
-    image = accepted_image(api, enqueued_at=None)
-    pipeline._mark_enqueued(image.pk)
+def test_an_upload_the_broker_refused_is_unmarked_and_sent_after_the_grace_period(api, settings, monkeypatch):
+    real_build = pipeline.build
+    monkeypatch.setattr(pipeline, "build", lambda *args, **kwargs: _RefusedByTheBroker())
+    response = upload(api)
+    assert response.status_code == 202  # the row is the record
+    image = Image.objects.get(pk=response.json()["id"])
+    assert image.enqueued_at is None
+    assert tasks_on("detect") == []
+
+    monkeypatch.setattr(pipeline, "build", real_build)
+    settings.ENQUEUE_GRACE_SECONDS = 0
+    assert pipeline.sweep() == 1
+    assert [args for _task, args, _kw in tasks_on("detect")] == [[str(image.pk)]]
     assert Image.objects.get(pk=image.pk).enqueued_at is not None
-    assert _synchronous_commit() == "on"  # the next transaction on this connection waits again
 
-    Image.objects.filter(pk=image.pk).update(enqueued_at=None)
-    with transaction.atomic():  # a caller's transaction keeps its durability
-        pipeline._mark_enqueued(image.pk)
-        assert _synchronous_commit() == "on"
-    assert Image.objects.get(pk=image.pk).enqueued_at is not None
+
+def test_a_marked_image_whose_message_never_left_is_sent_after_the_deadline(api, settings):
+    """The API process died between the row's commit and the publish: the row carries the mark
+    it was written with, and the deadline rule sends it."""
+    settings.PROCESSING_DEADLINE_SECONDS = 60
+    lost = accepted_image(api, enqueued_at=timezone.now() - timedelta(seconds=61))
+    recent = accepted_image(api)
+
+    assert pipeline.sweep() == 1
+
+    assert [args for _task, args, _kw in tasks_on("detect")] == [[str(lost.pk)]]
+    assert Image.objects.get(pk=recent.pk).enqueued_at is not None
 
 
 def test_an_image_stuck_in_processing_is_handed_to_another_worker(api, settings):

@@ -72,13 +72,16 @@ def _create(rows, batch_fields=None):
     A single image is one INSERT, atomic on its own: in autocommit it needs no BEGIN and COMMIT,
     two round trips to PostgreSQL fewer for every upload (and on_commit runs at once). Inside a
     caller's transaction it keeps its savepoint, so a duplicate request_id spoils nothing."""
+    # Marked as handed to the broker in the same write; enqueue() clears the mark if the broker
+    # refuses the message, so the common case needs no second statement.
+    enqueued_at = timezone.now()
     try:
         if batch_fields is None and len(rows) == 1 and not connection.in_atomic_block:
-            batch, images = None, [Image.objects.create(**rows[0])]
+            batch, images = None, [Image.objects.create(**rows[0], enqueued_at=enqueued_at)]
         else:
             with transaction.atomic():
                 batch = Batch.objects.create(**batch_fields) if batch_fields is not None else None
-                images = Image.objects.bulk_create(Image(batch=batch, **row) for row in rows)
+                images = Image.objects.bulk_create(Image(batch=batch, enqueued_at=enqueued_at, **row) for row in rows)
     except BaseException:
         for row in rows:
             if row.get("original_key"):
@@ -87,7 +90,7 @@ def _create(rows, batch_fields=None):
     # Committed (or part of the caller's transaction): the rows reference the objects from here on.
     # Whether each needs fetching is known here; enqueue need not ask the database again.
     jobs = [(image.pk, not image.original_key) for image in images]
-    transaction.on_commit(lambda: [enqueue(image_id, fetch) for image_id, fetch in jobs])
+    transaction.on_commit(lambda: [enqueue(image_id, fetch, marked=True) for image_id, fetch in jobs])
     return batch, images
 
 
@@ -173,46 +176,37 @@ def build(image_id, fetch=False):
     return job
 
 
-def enqueue(image_id, fetch=None):
-    """Publish the chain (with publisher confirms). Returns False if the broker did not take it;
-    the image stays `queued` with no `enqueued_at`, and the sweeper sends it later. `fetch` says
-    whether the original must first be fetched from its URL; None reads it from the row."""
+def enqueue(image_id, fetch=None, marked=False):
+    """Publish the chain (with publisher confirms). Returns False if the broker did not take it:
+    the image then stays `queued` without `enqueued_at`, and the sweeper sends it after
+    ENQUEUE_GRACE_SECONDS. `fetch` says whether the original must first be fetched from its URL;
+    None reads it from the row.
+
+    `marked` says the row was written with `enqueued_at` already set (a new submission), so the
+    way in needs no second write; a refused publish clears the mark. Should the process die
+    between the row's commit and the publish, the mark stays, and the sweeper's deadline rule
+    (queued with `enqueued_at` older than PROCESSING_DEADLINE_SECONDS) sends the image instead."""
     if fetch is None:
         fetch = Image.objects.filter(pk=image_id, original_key="").exclude(source_url="").exists()
     try:
         build(image_id, fetch=fetch).apply_async()
     except Exception:
         logger.warning("could not enqueue image %s; the sweeper will retry", image_id, exc_info=True)
+        if marked:
+            _set_enqueued_at(image_id, None)
         return False
-    try:
-        _mark_enqueued(image_id)
-    except DatabaseError:
-        # The message is out; without the mark the sweeper sends it again, and the claim lets
-        # only one through. The upload itself is accepted either way.
-        logger.warning("image %s was enqueued but not marked; the sweeper will resend it", image_id, exc_info=True)
+    if not marked:
+        _set_enqueued_at(image_id, timezone.now())
     return True
 
 
-def _mark_enqueued(image_id):
-    """Record that the broker confirmed the image's message, committed without waiting for the
-    WAL flush (synchronous_commit off for this one statement's transaction, `set_config(..., true)`).
-
-    The mark only tells the sweeper which accepted images never reached the broker. If PostgreSQL
-    itself crashes in the fraction of a second before the WAL writer flushes it, the mark is lost,
-    the sweeper sends the image again, and the claim lets only one of the two messages through.
-    The image's row, committed before the publish, keeps the full guarantee. Waiting for the
-    flush here cost each upload a third of a millisecond of waiting and an ORM update's CPU."""
-    if connection.in_atomic_block:
-        # Inside a caller's transaction the setting would cover all of its writes: no shortcut.
-        Image.objects.filter(pk=image_id).update(enqueued_at=timezone.now())
-        return
-    table = connection.ops.quote_name(Image._meta.db_table)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true)) "
-            f"UPDATE {table} SET enqueued_at = %s FROM async_commit WHERE id = %s",
-            [timezone.now(), image_id],
-        )
+def _set_enqueued_at(image_id, when):
+    try:
+        Image.objects.filter(pk=image_id).update(enqueued_at=when)
+    except DatabaseError:
+        # A mark left behind is caught by the deadline rule, a missing one by the grace rule: the
+        # sweeper sends the image either way, and the claim lets only one message through.
+        logger.warning("could not set enqueued_at=%s on image %s; the sweeper covers it", when, image_id, exc_info=True)
 
 
 def claim(image_id, task_id, new_attempt=True):
