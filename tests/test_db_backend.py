@@ -63,3 +63,16 @@ def test_a_connection_inside_a_transaction_or_closed_is_not_quiet():
     assert idle_and_quiet(raw)
     connection.close()
     assert not idle_and_quiet(raw)
+
+
+def test_a_connection_inside_a_transaction_gets_djangos_own_check_and_is_kept(monkeypatch):
+    raw = _kept_connection()
+    raw.execute("BEGIN")
+    checked = []
+    monkeypatch.setattr(connection, "is_usable", lambda: checked.append(True) or True)
+    try:
+        connection.close_if_health_check_failed()
+        assert checked == [True]
+        assert connection.connection is raw
+    finally:
+        raw.execute("ROLLBACK")

@@ -22,7 +22,12 @@ from psycopg.pq import TransactionStatus
 
 class DatabaseWrapper(base.DatabaseWrapper):
     def close_if_health_check_failed(self):
-        if self.pool or self.connection is None or not self.health_check_enabled or self.health_check_done:
+        if (
+            self.pool or self.connection is None or not self.health_check_enabled or self.health_check_done
+            or self.connection.info.transaction_status != TransactionStatus.IDLE
+        ):
+            # Nothing to check, or not the plain idle case (a transaction left open, a connection
+            # in an unknown state): Django's own check, `SELECT 1`.
             return super().close_if_health_check_failed()
         if not idle_and_quiet(self.connection):
             self.close()
