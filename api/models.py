@@ -212,14 +212,6 @@ class Face(models.Model):
     def __str__(self):
         return f"face {self.index} of {self.image_id}"
 
-    def as_dict(self):
-        """The shape detection produces and drawing takes."""
-        return {
-            "box": {"x": self.x, "y": self.y, "width": self.width, "height": self.height},
-            "confidence": self.confidence,
-            "keypoints": self.keypoints,
-        }
-
 
 class CallbackAttempt(models.Model):
     """One POST to an integrator's callback URL, whatever came of it: an image's event or a batch's."""
