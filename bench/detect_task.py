@@ -7,7 +7,8 @@ The photos of tests/photos/ are submitted through `pipeline.submit` (stored, row
 published) to a database of the run's own (`face_detect_bench_task_<pid>`, dropped at the end)
 and filesystem storage in a temporary directory, then each is run through `detect_faces.apply()`:
 the task's own code in this process, without Celery's transport (broker, prefork pipe, ack).
-Every step the task calls is wrapped by a timer (wall and this thread's CPU, ms per photo).
+Every step the task calls is wrapped by bench.ingest_profile's exclusive timers (wall and this
+thread's CPU, ms per photo); the task's own row is what the steps inside it do not take.
 
 `decode + find_faces` is what the pipeline benchmark's ceiling process does per photo, so
 `ceiling share` = (decode + find_faces) / task is the most a detection core can deliver of the
@@ -15,13 +16,11 @@ ceiling through this task, before any Celery overhead.
 """
 
 import argparse
-import collections
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 
 from bench.stack import PHOTOS, Cleanup, drop_database, install_signal_handlers, photo_names, table
@@ -35,6 +34,7 @@ STEPS = (  # (module, function, label), in the order the task calls them
     ("api.storage", "put", "store the annotated image"),
     ("workers.pipeline", "finish", "finish (faces + done, one transaction)"),
 )
+REST = "the task's own code and Celery's apply()"
 
 
 def main():
@@ -70,23 +70,11 @@ def run(args):
     django.setup()
     from api.models import Client
     from api.uploads import inspect_image
+    from bench.ingest_profile import TIMERS, wrap
     from workers import pipeline, tasks
 
-    spent = collections.defaultdict(lambda: [0.0, 0.0])
-
-    def timed(label, func):
-        def wrapper(*a, **kw):
-            w0, c0 = time.perf_counter(), time.thread_time()
-            try:
-                return func(*a, **kw)
-            finally:
-                spent[label][0] += time.perf_counter() - w0
-                spent[label][1] += time.thread_time() - c0
-        return wrapper
-
     for module, name, label in STEPS:
-        owner = importlib.import_module(module)
-        setattr(owner, name, timed(label, getattr(owner, name)))
+        wrap(importlib.import_module(module), name, label)
     pipeline.enqueue = lambda *a, **kw: True  # rows only: nothing is published
 
     client, _key = Client.create_with_credentials("bench-detect-task")
@@ -94,31 +82,28 @@ def run(args):
 
     def one_pass():
         ids = [pipeline.submit(client, {}, data=data, inspected=inspect_image(data))[0].pk for data in photos]
+        TIMERS.enabled = True
         for image_id in ids:
-            w0, c0 = time.perf_counter(), time.thread_time()
-            tasks.detect_faces.apply(args=(str(image_id),), task_id=str(uuid.uuid4()))
-            spent["task"][0] += time.perf_counter() - w0
-            spent["task"][1] += time.thread_time() - c0
+            TIMERS.enter(REST)  # exclusive timers: what the steps inside do not take
+            try:
+                tasks.detect_faces.apply(args=(str(image_id),), task_id=str(uuid.uuid4()))
+            finally:
+                TIMERS.exit()
+        TIMERS.enabled = False
         return len(ids)
 
     one_pass()  # warm-up: the engine's first calls, the connection
-    spent.clear()
+    TIMERS.acc.clear()
     count = sum(one_pass() for _ in range(args.passes))
 
-    def ms(label):
-        wall, cpu = spent[label]
-        return wall / count * 1000, cpu / count * 1000
-
-    task_wall, task_cpu = ms("task")
-    labels = [label for _m, _n, label in STEPS]
-    rows = [[label, f"{ms(label)[0]:.2f}", f"{ms(label)[1]:.2f}", f"{ms(label)[0] / task_wall:.1%}"] for label in labels]
-    rest = task_wall - sum(ms(label)[0] for label in labels)
-    rows.append(["the task's own code and Celery's apply()", f"{rest:.2f}", f"{task_cpu - sum(ms(lb)[1] for lb in labels):.2f}",
-                 f"{rest / task_wall:.1%}"])
+    labels = [label for _m, _n, label in STEPS] + [REST]
+    per_photo = {label: (TIMERS.acc[label][0] / count * 1000, TIMERS.acc[label][1] / count * 1000) for label in labels}
+    task_wall, task_cpu = (sum(values[i] for values in per_photo.values()) for i in (0, 1))
+    rows = [[label, f"{wall:.2f}", f"{cpu:.2f}", f"{wall / task_wall:.1%}"] for label, (wall, cpu) in per_photo.items()]
     rows.append(["task", f"{task_wall:.2f}", f"{task_cpu:.2f}", "100%"])
     print(f"{count} photos ({len(photos)} x {args.passes} passes), engine {args.engine}, one process; ms per photo\n")
     print(table(["step", "wall ms", "CPU ms", "share"], rows))
-    ceiling = ms("decode")[0] + ms("find_faces")[0]
+    ceiling = per_photo["decode"][0] + per_photo["find_faces"][0]
     print(f"\nceiling share: (decode + find_faces) / task = {ceiling:.1f} / {task_wall:.1f} = {ceiling / task_wall:.2f}"
           " (the most a detection core can deliver of the ceiling through this task, before Celery's transport)")
 
