@@ -76,19 +76,21 @@ def test_it_refuses_a_bad_key(db, header):
     assert_error(api.get("/api/v1/images/"), 401, "not_authenticated")
 
 
-def test_it_refuses_a_revoked_client(api, integrator):
+def _revoke(integrator):
     client, _ = integrator
     client.is_active = False
     client.save()
+
+
+def test_it_refuses_a_revoked_client(api, integrator):
+    _revoke(integrator)
     assert_error(api.get("/api/v1/images/"), 401, "not_authenticated")
 
 
 def test_a_revoked_client_is_refused_once_its_remembered_key_expires(api, integrator, settings):
     settings.AUTH_CACHE_SECONDS = 1
-    client, _ = integrator
     assert api.get("/api/v1/images/").status_code == 200
-    client.is_active = False
-    client.save()
+    _revoke(integrator)
 
     assert api.get("/api/v1/images/").status_code == 200  # remembered by this process
     time.sleep(1.1)
@@ -97,10 +99,8 @@ def test_a_revoked_client_is_refused_once_its_remembered_key_expires(api, integr
 
 def test_with_no_auth_cache_a_revoked_client_is_refused_at_once(api, integrator, settings):
     settings.AUTH_CACHE_SECONDS = 0
-    client, _ = integrator
     assert api.get("/api/v1/images/").status_code == 200
-    client.is_active = False
-    client.save()
+    _revoke(integrator)
     assert_error(api.get("/api/v1/images/"), 401, "not_authenticated")
 
 
