@@ -5,11 +5,14 @@ face for privacy. Coordinates are pixels of the upright image, so EXIF orientati
 """
 
 import io
+import struct
 import zlib
 
+import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFilter
+from isal import isal_zlib
 
 from .detection import load_upright_rgb
 
@@ -17,6 +20,7 @@ BOX_COLOUR = (0, 255, 0)
 POINT_COLOUR = (255, 0, 0)
 # Mask a little beyond the box: MTCNN's boxes are tight and hair or ears give people away.
 MASK_MARGIN = 0.15
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def annotate(data, faces, mode="boxes"):
@@ -30,17 +34,45 @@ def annotate_image(image, faces, mode, source_format):
         _draw_boxes(image, faces)
     else:
         _mask(image, faces, mode)
-    output_format = "PNG" if source_format == "PNG" else "JPEG"
-    buffer = io.BytesIO()
     # Only pixels are written: no EXIF, ICC profile or text chunk of the original.
+    if source_format == "PNG":
+        return encode_png(image), "PNG"
     image.info = {}
-    if output_format == "JPEG":
-        image.save(buffer, "JPEG", quality=90, optimize=False)
-    else:
-        # zlib level 1 with run-length matching: 21 ms per test PNG instead of 37 at level 3,
-        # for 7% more bytes.
-        image.save(buffer, "PNG", compress_level=1, compress_type=zlib.Z_RLE)
-    return buffer.getvalue(), output_format
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90, optimize=False)
+    return buffer.getvalue(), "JPEG"
+
+
+def encode_png(image):
+    """An RGB image as PNG, about 6x faster than Pillow's encoder for the same size (bench.image_ops).
+
+    Pillow tries all five PNG filters on every row and deflates with zlib, and neither can be
+    changed: that took longer than detection on large PNGs. Here every row gets the Up filter (one
+    vectorised subtraction; Pillow's choice per row saved at most 4% of the bytes on the test
+    photos) and ISA-L's deflate, several times faster than zlib's at level 1. The container is three
+    chunks, each with its CRC (PNG specification, sections 5.3 and 11.2).
+    """
+    if image.mode != "RGB":
+        raise ValueError(f"encode_png takes RGB images, not {image.mode}")
+    width, height = image.size
+    rows = np.asarray(image, dtype=np.uint8).reshape(height, width * 3)
+    # Each scanline: its filter type byte (2, Up), then its bytes minus those of the row above
+    # (modulo 256); the first row's "row above" is zeros, so it is stored as it is.
+    filtered = np.empty((height, 1 + width * 3), dtype=np.uint8)
+    filtered[:, 0] = 2
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, RGB, deflate, no interlace
+    return b"".join((
+        PNG_SIGNATURE,
+        _png_chunk(b"IHDR", header),
+        _png_chunk(b"IDAT", isal_zlib.compress(filtered, 1)),
+        _png_chunk(b"IEND", b""),
+    ))
+
+
+def _png_chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
 
 def _format_of(data):
