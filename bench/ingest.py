@@ -76,11 +76,14 @@ from bench.stack import (
     all_pids,
     children_map,
     drop_database,
+    free_port,
     install_signal_handlers,
     listener_pid,
     log,
     machine_busy_ticks,
+    minio_client,
     read_stat,
+    start_moto,
     stop_process_group,
 )
 
@@ -99,12 +102,6 @@ RABBIT_ENV = {"ERL_EPMD_ADDRESS": "127.0.0.1"}
 def load1():
     with open("/proc/loadavg") as f:
         return float(f.read().split()[0])
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(cmd, env=None, timeout=60, check=True):
@@ -472,39 +469,6 @@ class Server:
         if self.proc is not None:
             stop_process_group(self.proc)
             self.log_file.close()
-
-
-def start_moto(workdir, cleanup):
-    port = free_port()
-    code = (
-        "import signal, threading\n"
-        "from moto.server import ThreadedMotoServer\n"
-        f"server = ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False)\n"
-        "server.start()\n"
-        "stop = threading.Event()\n"
-        "signal.signal(signal.SIGTERM, lambda *a: stop.set())\n"
-        "stop.wait()\n"
-        "server.stop()\n"
-    )
-    log_file = open(workdir / "moto.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=workdir, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    cleanup.add("moto", lambda: (stop_process_group(proc), log_file.close()))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return proc, f"127.0.0.1:{port}"
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.2)
-    raise RuntimeError("moto did not start: " + (workdir / "moto.log").read_text()[-2000:])
-
-
-def minio_client(endpoint):
-    import minio
-
-    return minio.Minio(endpoint, access_key="bench", secret_key="bench-secret", secure=False)
 
 
 def count_objects(storage, target):

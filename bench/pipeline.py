@@ -3,6 +3,7 @@
 Run from the repository root:
     .venv/bin/python -m bench.pipeline [--rounds 3] [--repeat 4] [--concurrency 1,2]
         [--modes burst,window] [--engines auto|onnx,tensorflow] [--reruns 1] [--env KEY=VALUE]
+        [--split] [--storage filesystem|s3]
 
 Engines: with --engines auto, both DETECT_ENGINE values (onnx, tensorflow) when
 face_detect_api/settings.py defines DETECT_ENGINE, else the default engine only. The ONNX models
@@ -41,6 +42,14 @@ Split (--split): services off the detection core, as in production
             on the last core. The ratio says what a detection core delivers through the whole
             platform when the API and the services run elsewhere (on a 2-core machine: on the
             other core), which is how workers are deployed (docs/scaling.md).
+
+Storage (--storage s3): the originals and annotated images in S3 instead of the filesystem
+            One moto S3 server (a process of this script's, on the other cores with --split; its
+            CPU is the "storage" group) with a bucket per stack, STORAGE_BACKEND=minio: the
+            workers read and write every image over the S3 protocol, as against MinIO in
+            production. moto, in Python, answers more slowly than MinIO; the detect task's waits
+            on it show what a second process per core can fill (bench.detect_task --storage s3
+            times them step by step).
 
 Submission (how the queue is kept fed), one turn each
   burst     all submissions of the turn are uploaded up front by 4 client threads; the queue holds
@@ -110,10 +119,12 @@ from bench.stack import (
     children_map,
     detect_engines,
     log,
+    minio_client,
     percentile,
     photo_names,
     run_benchmark,
     run_clients,
+    start_moto,
     stop_process_group,
     submit,
     table,
@@ -123,7 +134,7 @@ from bench.stack import (
 
 MODEL_FILES = ("pnet.onnx", "rnet.onnx", "onet.onnx")
 MAX_SIDE = 1024
-CPU_GROUPS = ("children", "parent", "api", "callbacks", "beat", "pg", "services", "bench", "idle")
+CPU_GROUPS = ("children", "parent", "api", "callbacks", "beat", "pg", "services", "storage", "bench", "idle")
 
 
 # --------------------------------------------------------------------------- ceiling worker
@@ -409,13 +420,14 @@ def service_pids():
     return found
 
 
-def split_cores(stacks, ceiling_pids, cleanup):
+def split_cores(stacks, ceiling_pids, cleanup, other_pids=()):
     """Detection (every stack's detect worker, the ceiling processes) on the last core, the rest
-    of the stacks, the shared services and this script on the others; undone at cleanup."""
+    of the stacks, the shared services, `other_pids` and this script on the others; undone at
+    cleanup."""
     every = set(range(os.cpu_count()))
     detection, rest = {max(every)}, every - {max(every)}
     tree = children_map()
-    detect_pids, other_pids = list(ceiling_pids), [os.getpid(), *service_pids()]
+    detect_pids, other_pids = list(ceiling_pids), [os.getpid(), *service_pids(), *other_pids]
     for stack in stacks:
         kinds = stack.processes(tree)
         detect_pids += kinds.get("detect parent", []) + kinds.get("detect children", [])
@@ -444,6 +456,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", action="store_true",
                         help="detection alone on the last core, everything else on the others")
+    parser.add_argument("--storage", choices=("filesystem", "s3"), default="filesystem",
+                        help="where the stacks keep images: a directory, or S3 on a moto server (default filesystem)")
     parser.add_argument("--ceiling-worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--components", action="store_true", help=argparse.SUPPRESS)
@@ -471,6 +485,15 @@ def run(args, cleanup, began, up_before):
     cleanup.add("receiver", receiver.close)
     submitter = Submitter(receiver, photos)
 
+    storage_pids, s3 = set(), None
+    if args.storage == "s3":
+        workdir = Path(tempfile.mkdtemp(prefix="face-detect-bench-s3-"))
+        cleanup.add("moto's directory", lambda: shutil.rmtree(workdir, ignore_errors=True))
+        moto, endpoint = start_moto(workdir, cleanup)
+        storage_pids, s3 = {moto.pid}, minio_client(endpoint)
+        storage_env = {"STORAGE_BACKEND": "minio", "MINIO_ENDPOINT": endpoint, "MINIO_ACCESS_KEY": "bench",
+                       "MINIO_SECRET_KEY": "bench-secret"}
+
     # Stacks: the first database is migrated, the others are cloned from it before anything connects.
     stacks, template = {}, None
     for engine in engines:
@@ -482,6 +505,9 @@ def run(args, cleanup, began, up_before):
         for c in concurrencies:
             name = f"{engine[:4]}c{c}"
             log(f"creating stack {name}")
+            if s3 is not None:
+                s3.make_bucket(f"bench-{name}")
+                env = {**env, **storage_env, "MINIO_BUCKET": f"bench-{name}"}
             stacks[(engine, c)] = BenchStack(name, tag, cleanup, env=env, template_db=template,
                                              api_workers=args.api_workers, concurrency=c)
             template = template or stacks[(engine, c)].db_name
@@ -496,7 +522,7 @@ def run(args, cleanup, began, up_before):
     for engine, procs in ceilings.items():
         wait_readable(procs, timeout=300)
     if args.split:
-        split_cores(stacks.values(), [p.proc.pid for procs in ceilings.values() for p in procs], cleanup)
+        split_cores(stacks.values(), [p.proc.pid for procs in ceilings.values() for p in procs], cleanup, storage_pids)
     log("warming up the stacks (every photo once)")
     for stack in stacks.values():
         pipeline_turn(stack, receiver, submitter, names, "burst", "warm", lambda: CpuMeter([]), dict, 1)
@@ -517,6 +543,7 @@ def run(args, cleanup, began, up_before):
                 groups["beat"] = set(kinds.get("beat", []))
             elif active_engine is not None:
                 groups["children"] = ceiling_pids[active_engine]
+            groups["storage"] = storage_pids
             idle = set()
             for s in stacks.values():
                 if s is not active_stack:

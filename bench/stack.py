@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -208,6 +209,48 @@ def drop_database(name):
 def clone_database(template, name):
     drop_database(name)
     _pg(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+
+
+# --- S3: moto's server, which speaks the real protocol (no MinIO binary here) ---------------------
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_moto(workdir, cleanup):
+    port = free_port()
+    code = (
+        "import signal, threading\n"
+        "from moto.server import ThreadedMotoServer\n"
+        f"server = ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False)\n"
+        "server.start()\n"
+        "stop = threading.Event()\n"
+        "signal.signal(signal.SIGTERM, lambda *a: stop.set())\n"
+        "stop.wait()\n"
+        "server.stop()\n"
+    )
+    log_file = open(workdir / "moto.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=workdir, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    cleanup.add("moto", lambda: (stop_process_group(proc), log_file.close()))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return proc, f"127.0.0.1:{port}"
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.2)
+    raise RuntimeError("moto did not start: " + (workdir / "moto.log").read_text()[-2000:])
+
+
+def minio_client(endpoint):
+    import minio
+
+    return minio.Minio(endpoint, access_key="bench", secret_key="bench-secret", secure=False)
 
 
 # --- The stack --------------------------------------------------------------------------------
