@@ -141,10 +141,18 @@ def test_unrounded_boxes_match_closely(package, engine):
 
 @pytest.mark.parametrize("min_face_size", [12, 16, 40])
 def test_other_minimum_face_sizes(min_face_size, package, engine):
-    """Including the package's own quirk: from about 30 px up it returns nothing at all."""
+    """Including the package's own quirk: from about 30 px up it finds nothing at all. Its image
+    pyramid then ends in scales too small for PNet's convolutions: the package returned nothing
+    on the AVX-512 machines of earlier runs and raises Keras' ValueError (an empty convolution
+    output) on an AVX2 one. The platform never asks it for more than 20 (detection.plan)."""
     for name in ("clm_cage.jpg", "skimage_astronaut.png", "mpl_grace_hopper.jpg"):
         rgb = rgb_array(name)
-        expected = as_plain(package.detect_faces(rgb, min_face_size=min_face_size))
+        try:
+            expected = as_plain(package.detect_faces(rgb, min_face_size=min_face_size))
+        except ValueError:
+            if min_face_size < 30:
+                raise
+            expected = []
         got = engine.detect(rgb, min_face_size=min_face_size)
         assert_same_faces(expected, got, f"{name} min_face_size={min_face_size}")
         if min_face_size >= 30:
