@@ -33,8 +33,8 @@ from bench.stack import (
     Cleanup,
     drop_database,
     install_signal_handlers,
-    minio_client,
     photo_names,
+    s3_bucket_env,
     start_moto,
     table,
 )
@@ -71,9 +71,7 @@ def main():
     try:
         if args.storage == "s3":
             _moto, endpoint = start_moto(Path(media), cleanup)
-            minio_client(endpoint).make_bucket("bench-detect-task")
-            os.environ.update({"STORAGE_BACKEND": "minio", "MINIO_ENDPOINT": endpoint, "MINIO_ACCESS_KEY": "bench",
-                               "MINIO_SECRET_KEY": "bench-secret", "MINIO_BUCKET": "bench-detect-task"})
+            os.environ.update(s3_bucket_env(endpoint, "bench-detect-task"))
         cleanup.add("database", lambda: drop_database(db_name))
         for command in (["ensure_database"], ["migrate", "--no-input", "-v", "0"]):
             subprocess.run([sys.executable, "manage.py", *command], check=True, capture_output=True, timeout=120)

@@ -72,6 +72,7 @@ import time
 from pathlib import Path
 
 from bench.stack import (
+    S3_KEYS,
     Cleanup,
     all_pids,
     children_map,
@@ -684,8 +685,7 @@ def _main(args, variants, cleanup, started):
         "THROTTLE_RATE": THROTTLE_RATE,
         "STORAGE_BACKEND": "minio" if args.storage == "s3" else "filesystem",
         "MINIO_ENDPOINT": endpoint,
-        "MINIO_ACCESS_KEY": "bench",
-        "MINIO_SECRET_KEY": "bench-secret",
+        **S3_KEYS,
         "MEDIA_ROOT": str(workdir / "media-unused"),
         "PYTHONDONTWRITEBYTECODE": "1",
     })

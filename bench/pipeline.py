@@ -119,11 +119,11 @@ from bench.stack import (
     children_map,
     detect_engines,
     log,
-    minio_client,
     percentile,
     photo_names,
     run_benchmark,
     run_clients,
+    s3_bucket_env,
     start_moto,
     stop_process_group,
     submit,
@@ -485,14 +485,12 @@ def run(args, cleanup, began, up_before):
     cleanup.add("receiver", receiver.close)
     submitter = Submitter(receiver, photos)
 
-    storage_pids, s3 = set(), None
+    storage_pids, endpoint = set(), None
     if args.storage == "s3":
         workdir = Path(tempfile.mkdtemp(prefix="face-detect-bench-s3-"))
         cleanup.add("moto's directory", lambda: shutil.rmtree(workdir, ignore_errors=True))
         moto, endpoint = start_moto(workdir, cleanup)
-        storage_pids, s3 = {moto.pid}, minio_client(endpoint)
-        storage_env = {"STORAGE_BACKEND": "minio", "MINIO_ENDPOINT": endpoint, "MINIO_ACCESS_KEY": "bench",
-                       "MINIO_SECRET_KEY": "bench-secret"}
+        storage_pids = {moto.pid}
 
     # Stacks: the first database is migrated, the others are cloned from it before anything connects.
     stacks, template = {}, None
@@ -505,9 +503,8 @@ def run(args, cleanup, began, up_before):
         for c in concurrencies:
             name = f"{engine[:4]}c{c}"
             log(f"creating stack {name}")
-            if s3 is not None:
-                s3.make_bucket(f"bench-{name}")
-                env = {**env, **storage_env, "MINIO_BUCKET": f"bench-{name}"}
+            if endpoint is not None:
+                env = {**env, **s3_bucket_env(endpoint, f"bench-{name}")}
             stacks[(engine, c)] = BenchStack(name, tag, cleanup, env=env, template_db=template,
                                              api_workers=args.api_workers, concurrency=c)
             template = template or stacks[(engine, c)].db_name

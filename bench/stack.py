@@ -247,10 +247,20 @@ def start_moto(workdir, cleanup):
     raise RuntimeError("moto did not start: " + (workdir / "moto.log").read_text()[-2000:])
 
 
+S3_KEYS = {"MINIO_ACCESS_KEY": "bench", "MINIO_SECRET_KEY": "bench-secret"}  # moto takes any
+
+
 def minio_client(endpoint):
     import minio
 
-    return minio.Minio(endpoint, access_key="bench", secret_key="bench-secret", secure=False)
+    return minio.Minio(endpoint, access_key=S3_KEYS["MINIO_ACCESS_KEY"], secret_key=S3_KEYS["MINIO_SECRET_KEY"],
+                       secure=False)
+
+
+def s3_bucket_env(endpoint, bucket):
+    """Make `bucket` on the moto server at `endpoint`; returns the platform's environment for it."""
+    minio_client(endpoint).make_bucket(bucket)
+    return {"STORAGE_BACKEND": "minio", "MINIO_ENDPOINT": endpoint, **S3_KEYS, "MINIO_BUCKET": bucket}
 
 
 # --- The stack --------------------------------------------------------------------------------
