@@ -8,13 +8,16 @@ Run from the repository root:  .venv/bin/python -m bench.ingest [--storage files
 
 What it builds (all of it its own, all of it removed at the end)
   - a PostgreSQL database `face_detect_bench_<pid>` (`manage.py ensure_database` + `migrate`),
-  - a RabbitMQ vhost `face_detect_bench_<pid>` with nothing consuming it, so every confirmed
-    message stays there to be counted,
+  - a RabbitMQ vhost per variant, `face_detect_bench_<pid>_<variant>`, with nothing consuming it,
+    so every confirmed message stays there to be counted,
   - a temporary MEDIA_ROOT per variant (STORAGE_BACKEND=filesystem), or with `--storage s3` a moto
     S3 server (`moto.server.ThreadedMotoServer`, in a subprocess) with one bucket per variant,
   - Redis database 13 for the rate-limit cache (THROTTLE_RATE=1000000/s: never limits),
   - one client per variant (`manage.py create_client`),
-  - one gunicorn per variant, `--workers 4 --no-control-socket` (sync workers), on a free port.
+  - one gunicorn per variant, `--workers 4 --no-control-socket` (sync workers), on a free port;
+    or, for a variant named `<variant>@granian`, one granian (`--interface wsgi --workers 4
+    --blocking-threads 1 --runtime-mode st`: one Python thread per worker process, as gunicorn's
+    sync workers; granian's HTTP handling is Rust and keeps connections alive).
 
 Variants
   platform  `face_detect_api.wsgi:application`, the platform unchanged: POST /api/v1/images/ with
@@ -27,6 +30,9 @@ Variants
   tuned     `bench.tuned_wsgi:application`: the platform's own code with the optimizations
             proposed by this benchmark applied as monkeypatches (bench/tuned_*.py; the platform's
             files are untouched). It shows what they would buy.
+  <variant>@granian  the same application served by granian instead of gunicorn (the app server
+            is the one part of the stack under the endpoint that can change without touching
+            the platform's code): e.g. `--variants platform,baseline,platform@granian`.
 
 Load
   `wrk` (one thread, N connections) with a Lua script that POSTs real multipart uploads of a few
@@ -429,17 +435,24 @@ class PythonClient:
 
 
 class Server:
-    def __init__(self, name, app, env, path, auth, workdir):
-        self.name, self.app, self.env, self.path, self.auth = name, app, env, path, auth
+    def __init__(self, name, app, env, path, auth, workdir, kind="gunicorn"):
+        self.name, self.app, self.env, self.path, self.auth, self.kind = name, app, env, path, auth, kind
         self.port = free_port()
-        self.log_path = workdir / f"gunicorn-{name}.log"
+        self.log_path = workdir / f"{kind}-{slug(name)}.log"
         self.proc = None
 
     def start(self, workers, extra=()):
-        cmd = [
-            str(BIN / "gunicorn"), self.app, "--workers", str(workers), "--bind", f"127.0.0.1:{self.port}",
-            "--no-control-socket", "--graceful-timeout", "5", "--timeout", "30", "--log-level", "warning", *extra,
-        ]
+        if self.kind == "granian":
+            cmd = [
+                str(BIN / "granian"), "--interface", "wsgi", "--host", "127.0.0.1", "--port", str(self.port),
+                "--workers", str(workers), "--blocking-threads", "1", "--runtime-mode", "st", "--no-ws",
+                "--log-level", "warning", self.app,
+            ]
+        else:
+            cmd = [
+                str(BIN / "gunicorn"), self.app, "--workers", str(workers), "--bind", f"127.0.0.1:{self.port}",
+                "--no-control-socket", "--graceful-timeout", "5", "--timeout", "30", "--log-level", "warning", *extra,
+            ]
         self.log_file = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -451,12 +464,12 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn {self.name} exited: {self.log_path.read_text()[-2000:]}")
+                raise RuntimeError(f"{self.kind} {self.name} exited: {self.log_path.read_text()[-2000:]}")
             if len(self.pids()) > workers and self._answers():
                 # Each worker imports the app before accepting: give the slowest a moment.
                 return
             time.sleep(0.2)
-        raise RuntimeError(f"gunicorn {self.name} not ready after {timeout}s: {self.log_path.read_text()[-2000:]}")
+        raise RuntimeError(f"{self.kind} {self.name} not ready after {timeout}s: {self.log_path.read_text()[-2000:]}")
 
     def _answers(self):
         try:
@@ -470,6 +483,12 @@ class Server:
         if self.proc is not None:
             stop_process_group(self.proc)
             self.log_file.close()
+
+
+def slug(variant):
+    """A variant's name where names must be plain (buckets, vhosts, files): platform@granian ->
+    platform-granian."""
+    return variant.replace("@", "-")
 
 
 def count_objects(storage, target):
@@ -620,9 +639,12 @@ def main():
     parser.add_argument("--keep", action="store_true", help="leave the environment up (debugging); prints how to remove it")
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(variants) - {"platform", "baseline", "tuned"}
+    unknown = [v for v in variants if v.partition("@")[0] not in ("platform", "baseline", "tuned")
+               or v.partition("@")[2] not in ("", "gunicorn", "granian")]
     if unknown:
-        parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
+        parser.error(f"unknown variants: {', '.join(unknown)} (platform, baseline or tuned, optionally @granian)")
+    if any(v.endswith("@granian") for v in variants) and not (BIN / "granian").exists():
+        parser.error("granian is not installed in this environment (make install-dev installs it)")
 
     install_signal_handlers()
     cleanup = Cleanup()
@@ -641,11 +663,11 @@ def main():
 def _main(args, variants, cleanup, started):
     tag = str(os.getpid())
     db_name = f"face_detect_bench_{tag}"
-    vhost = f"face_detect_bench_{tag}"
-    broker_url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    vhosts = {variant: f"face_detect_bench_{tag}_{slug(variant)}" for variant in variants}
+    broker_urls = {variant: f"amqp://guest:guest@127.0.0.1:5672/{vhost}" for variant, vhost in vhosts.items()}
     database_url = f"postgres://postgres@127.0.0.1:5432/{db_name}"
     print(f"machine: {os.cpu_count()} cores, load1 {load1():.2f} at start; storage={args.storage}, "
-          f"{args.connections} connections, {args.duration:.0f}s phases, {args.rounds} rounds, gunicorn {args.workers} sync workers")
+          f"{args.connections} connections, {args.duration:.0f}s phases, {args.rounds} rounds, {args.workers} workers per server")
 
     use_wrk = args.client == "wrk" or (args.client == "auto" and shutil.which("wrk"))
     if args.client == "wrk" and not shutil.which("wrk"):
@@ -660,9 +682,10 @@ def _main(args, variants, cleanup, started):
     client = (WrkClient if use_wrk else PythonClient)(workdir, bodies)
 
     rabbit_env = {**os.environ, **RABBIT_ENV}
-    run(["rabbitmqctl", "add_vhost", vhost], env=rabbit_env, timeout=60)
-    cleanup.add("vhost", lambda: run(["rabbitmqctl", "delete_vhost", vhost], env=rabbit_env, timeout=60))
-    run(["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], env=rabbit_env, timeout=60)
+    for vhost in vhosts.values():
+        run(["rabbitmqctl", "add_vhost", vhost], env=rabbit_env, timeout=60)
+        cleanup.add(f"vhost {vhost}", lambda vhost=vhost: run(["rabbitmqctl", "delete_vhost", vhost], env=rabbit_env, timeout=60))
+        run(["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], env=rabbit_env, timeout=60)
 
     own_pids = {"bench": {os.getpid()}}
     endpoint = ""
@@ -671,7 +694,7 @@ def _main(args, variants, cleanup, started):
         own_pids["moto"] = {moto_proc.pid}
         s3 = minio_client(endpoint)
         for variant in variants:
-            s3.make_bucket(f"bench-{variant}")
+            s3.make_bucket(f"bench-{slug(variant)}")
 
     base_env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
     base_env.update({
@@ -679,7 +702,6 @@ def _main(args, variants, cleanup, started):
         "SECRET_KEY": "bench-ingest-not-a-secret",
         "DEBUG": "false",
         "LOG_LEVEL": "WARNING",
-        "CELERY_BROKER_URL": broker_url,
         "CELERY_RESULT_BACKEND": f"redis://127.0.0.1:6379/{REDIS_DB}",
         "REDIS_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
         "THROTTLE_RATE": THROTTLE_RATE,
@@ -698,28 +720,28 @@ def _main(args, variants, cleanup, started):
 
     servers, targets, queues = {}, {}, {}
     for variant in variants:
-        created = json.loads(run([sys.executable, "manage.py", "create_client", f"bench-{variant}"], env=base_env).stdout)
-        env = dict(base_env)
-        media = workdir / f"media-{variant}"
+        kind, _, server_kind = variant.partition("@")
+        name = f"bench-{slug(variant)}"
+        created = json.loads(run([sys.executable, "manage.py", "create_client", name], env=base_env).stdout)
+        env = dict(base_env, CELERY_BROKER_URL=broker_urls[variant])
+        media = workdir / f"media-{slug(variant)}"
         media.mkdir()
         env["MEDIA_ROOT"] = str(media)
-        env["MINIO_BUCKET"] = f"bench-{variant}"
-        targets[variant] = (minio_client(endpoint), f"bench-{variant}") if args.storage == "s3" else media
-        if variant == "baseline":
-            env.update({"PLAIN_BROKER_URL": broker_url, "PLAIN_QUEUE": "plain_detect",
-                        "PLAIN_CLIENT_ID": str(client_id(database_url, "bench-baseline"))})
-            servers[variant] = Server(variant, "bench.plain_wsgi:application", env, "/upload/", None, workdir)
-            queues[variant] = "plain_detect"
-        elif variant == "tuned":
-            servers[variant] = Server(variant, "bench.tuned_wsgi:application", env, "/api/v1/images/", created["api_key"], workdir)
-            queues[variant] = "tuned_detect"
+        env["MINIO_BUCKET"] = name
+        targets[variant] = (minio_client(endpoint), name) if args.storage == "s3" else media
+        if kind == "baseline":
+            env.update({"PLAIN_BROKER_URL": broker_urls[variant], "PLAIN_QUEUE": "plain_detect",
+                        "PLAIN_CLIENT_ID": str(client_id(database_url, name))})
+            app, path, auth, queues[variant] = "bench.plain_wsgi:application", "/upload/", None, "plain_detect"
+        elif kind == "tuned":
+            app, path, auth, queues[variant] = "bench.tuned_wsgi:application", "/api/v1/images/", created["api_key"], "tuned_detect"
         else:
-            servers[variant] = Server(variant, "face_detect_api.wsgi:application", env, "/api/v1/images/", created["api_key"], workdir)
-            queues[variant] = "detect"
+            app, path, auth, queues[variant] = "face_detect_api.wsgi:application", "/api/v1/images/", created["api_key"], "detect"
+        servers[variant] = Server(variant, app, env, path, auth, workdir, kind=server_kind or "gunicorn")
 
-    log(f"starting gunicorn x{len(servers)}")
+    log(f"starting {len(servers)} servers")
     for server in servers.values():
-        cleanup.add(f"gunicorn {server.name}", server.stop)
+        cleanup.add(f"{server.kind} {server.name}", server.stop)
         server.start(args.workers, args.gunicorn_args.split())
     for server in servers.values():
         server.wait_ready(args.workers)
@@ -774,7 +796,7 @@ def _main(args, variants, cleanup, started):
 
     summary = summarize(phases, variants)
     print()
-    print("Summary (mean over clean measured phases; p99 = worst phase; stack CPU = gunicorn + PostgreSQL + RabbitMQ + Redis"
+    print("Summary (mean over clean measured phases; p99 = worst phase; stack CPU = the server + PostgreSQL + RabbitMQ + Redis"
           " + load generator + kernel threads per request; capacity = cores / stack CPU, what the machine would serve with"
           " nothing else running)")
     base = summary.get("baseline")
@@ -801,14 +823,11 @@ def _main(args, variants, cleanup, started):
             cells = [f"{v} {mine[v]['rps']:.0f} ({mine[v]['foreign_cores']:.2f}) = {mine[v]['rps'] / b['rps']:.2f}x"
                      for v in variants if v in mine and v != "baseline"]
             print(f"  round {round_no}: baseline {b['rps']:.0f} ({b['foreign_cores']:.2f}); " + "; ".join(cells))
-    if "platform" in summary:
-        s = summary["platform"]
+    for variant, s in summary.items():
+        if variant.startswith("baseline"):
+            continue
         verdict = "meets" if s["rps"] > 300 and s["p99"] < 100 else "misses"
-        print(f"platform {verdict} the target (> 300 req/s with p99 < 100 ms at {args.connections} connections)")
-    if "tuned" in summary:
-        s = summary["tuned"]
-        verdict = "meets" if s["rps"] > 300 and s["p99"] < 100 else "misses"
-        print(f"tuned {verdict} the target (> 300 req/s with p99 < 100 ms at {args.connections} connections)")
+        print(f"{variant} {verdict} the target (> 300 req/s with p99 < 100 ms at {args.connections} connections)")
 
     # Let the last in-flight requests that wrk abandoned finish before counting.
     time.sleep(1.0)
@@ -816,7 +835,7 @@ def _main(args, variants, cleanup, started):
         server.log_file.flush()
         text = server.log_path.read_text(errors="replace")
         if "Traceback" in text or " ERROR " in text or "error" in text.lower():
-            print(f"\ngunicorn {server.name} logged errors (first lines):")
+            print(f"\n{server.kind} {server.name} logged errors (first lines):")
             print("\n".join("    " + line for line in text.splitlines()[:25]))
     print()
     print("Verification: rows = stored objects = enqueued messages = 2xx (+ requests in flight when wrk stopped)")
@@ -827,11 +846,11 @@ def _main(args, variants, cleanup, started):
     for variant in variants:
         t = totals[variant]
         expected = t["ok"] + t["in_flight"]
-        row_count, enqueued = counts.get(f"bench-{variant}", (0, 0))
-        if variant == "baseline":
+        row_count, enqueued = counts.get(f"bench-{slug(variant)}", (0, 0))
+        if variant.startswith("baseline"):
             enqueued = "n/a"
         objects = count_objects(args.storage, targets[variant])
-        messages = queue_depth(broker_url, queues[variant])
+        messages = queue_depth(broker_urls[variant], queues[variant])
         good = row_count == objects == messages == expected and (enqueued == "n/a" or enqueued == row_count)
         all_ok &= good
         rows.append([variant, t["ok"], t["in_flight"], expected, row_count, enqueued, objects, messages, "yes" if good else "NO"])
