@@ -53,7 +53,7 @@ Measured per phase
 
 Verified at the end, per variant
   rows in api_image (and rows with enqueued_at set) = stored objects = messages on the variant's
-  queue (passive queue_declare on the bench vhost) = 2xx responses (+ requests wrk had in flight
+  queue (passive queue_declare on the variant's vhost) = 2xx responses (+ requests wrk had in flight
   when its clock ran out: they were sent, and the server completed them, but wrk closed the
   connection before reading the answer; the Python client finishes its in-flight requests).
 
@@ -626,7 +626,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", default="platform,baseline,tuned")
     parser.add_argument("--workers", type=int, default=4, help="gunicorn workers per variant")
-    parser.add_argument("--gunicorn-args", default="", help="extra gunicorn arguments for every variant, e.g. "
+    parser.add_argument("--gunicorn-args", default="", help="extra gunicorn arguments for every variant it serves, e.g. "
                         "'--worker-class gthread --threads 2' (exploration; the default is sync workers)")
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--reruns", type=int, default=1, help="phases re-run at most when foreign load was high")
