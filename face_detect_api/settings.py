@@ -236,6 +236,14 @@ CELERY_RESULT_BACKEND_MAX_RETRIES = 20
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Celery lowers the prefetch count after a broker reconnect while tasks are still running, and
+# raises it again from the acknowledgement callbacks. When the acknowledgement of a message from the
+# lost connection failed, that path stalled the threads-pool callbacks worker for good: it consumed
+# nothing more, and every later callback stayed pending (Celery 5.7; tests/faults:
+# test_rabbitmq_restarted_while_a_callback_is_being_delivered). Without the reduction a worker
+# takes its full prefetch (one message per process) right after reconnecting, and a message may wait
+# in it until an old task ends; a redelivered copy of a task still running is stopped by the claim.
+CELERY_WORKER_ENABLE_PREFETCH_COUNT_REDUCTION = False
 CELERY_TASK_SOFT_TIME_LIMIT = TASK_SOFT_TIME_LIMIT
 CELERY_TASK_TIME_LIMIT = TASK_TIME_LIMIT
 CELERY_WORKER_MAX_TASKS_PER_CHILD = WORKER_MAX_TASKS_PER_CHILD

@@ -2,15 +2,18 @@
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class Receiver:
-    """A real HTTP server recording every callback; `script` sets the answers, path by path."""
+    """A real HTTP server recording every callback; `script` sets the answers, path by path, and
+    `delays` the seconds each next request on a path waits for its answer (recorded on arrival)."""
 
     def __init__(self, host="127.0.0.1"):
         self.requests = []
         self.script = {}
+        self.delays = {}
         self._lock = threading.Lock()
         receiver = self
 
@@ -23,6 +26,9 @@ class Receiver:
                     receiver.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
                     answers = receiver.script.get(self.path)
                     status = answers.pop(0) if answers else 200
+                    delays = receiver.delays.get(self.path)
+                    delay = delays.pop(0) if delays else 0
+                time.sleep(delay)
                 self.send_response(status)
                 self.send_header("content-length", "0")
                 self.end_headers()

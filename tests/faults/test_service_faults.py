@@ -44,6 +44,30 @@ def test_rabbitmq_restarted_with_jobs_queued_running_and_arriving(make_stack, re
     report(fault="RabbitMQ stopped and restarted mid-batch; 20 uploads accepted while it was down", **figures)
 
 
+def test_rabbitmq_restarted_while_a_callback_is_being_delivered(make_stack, receiver, report, rabbit):
+    """The callbacks worker loses the broker with a delivery in progress, so it comes back with a
+    task still running; it must go on consuming afterwards (Celery's prefetch-count reduction
+    after a reconnect once stalled it here, every later callback left pending)."""
+    stack, db = make_stack(CELERY_BROKER_URL=rabbit.url)
+    stack.start_all()
+    credentials = stack.create_client()
+    # First attempts slower than the tests' CALLBACK_TIMEOUT (3 s): they end while the broker is
+    # away, so their acknowledgements fail after the reconnect (how the stall began); retries pass.
+    slow = [f"/slow-{index}" for index in range(3)]
+    receiver.delays.update({path: [4] for path in slow})
+    accepted = stack.submit_batch(credentials, receiver, count=len(slow), prefix="slow")
+    wait_for(lambda: all(receiver.received(path) for path in slow), timeout=90, interval=0.05,
+             message="the slow callbacks under way")
+
+    rabbit.stop()
+    time.sleep(1)
+    rabbit.start()
+    accepted |= stack.submit_batch(credentials, receiver, count=10, prefix="after")
+
+    figures = assert_nothing_lost(db, accepted, receiver, stack.storage_endpoint, stack.bucket, timeout=240)
+    report(fault="RabbitMQ restarted while the callbacks worker was delivering a callback", **figures)
+
+
 def test_redis_down_for_a_while_changes_nothing(make_stack, receiver, report):
     redis = PrivateRedis()
     redis.start()
