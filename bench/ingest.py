@@ -485,10 +485,21 @@ class Server:
             self.log_file.close()
 
 
+def split_variant(variant):
+    """platform@granian -> ("platform", "granian"); without a server named, gunicorn."""
+    kind, _, server = variant.partition("@")
+    return kind, server or "gunicorn"
+
+
 def slug(variant):
     """A variant's name where names must be plain (buckets, vhosts, files): platform@granian ->
     platform-granian."""
     return variant.replace("@", "-")
+
+
+def bench_name(variant):
+    """The variant's client and bucket: bench-platform-granian."""
+    return f"bench-{slug(variant)}"
 
 
 def count_objects(storage, target):
@@ -639,11 +650,11 @@ def main():
     parser.add_argument("--keep", action="store_true", help="leave the environment up (debugging); prints how to remove it")
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v.partition("@")[0] not in ("platform", "baseline", "tuned")
-               or v.partition("@")[2] not in ("", "gunicorn", "granian")]
+    unknown = [v for v in variants if split_variant(v)[0] not in ("platform", "baseline", "tuned")
+               or split_variant(v)[1] not in ("gunicorn", "granian")]
     if unknown:
         parser.error(f"unknown variants: {', '.join(unknown)} (platform, baseline or tuned, optionally @granian)")
-    if any(v.endswith("@granian") for v in variants) and not (BIN / "granian").exists():
+    if any(split_variant(v)[1] == "granian" for v in variants) and not (BIN / "granian").exists():
         parser.error("granian is not installed in this environment (make install-dev installs it)")
 
     install_signal_handlers()
@@ -694,7 +705,7 @@ def _main(args, variants, cleanup, started):
         own_pids["moto"] = {moto_proc.pid}
         s3 = minio_client(endpoint)
         for variant in variants:
-            s3.make_bucket(f"bench-{slug(variant)}")
+            s3.make_bucket(bench_name(variant))
 
     base_env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
     base_env.update({
@@ -720,8 +731,8 @@ def _main(args, variants, cleanup, started):
 
     servers, targets, queues = {}, {}, {}
     for variant in variants:
-        kind, _, server_kind = variant.partition("@")
-        name = f"bench-{slug(variant)}"
+        kind, server_kind = split_variant(variant)
+        name = bench_name(variant)
         created = json.loads(run([sys.executable, "manage.py", "create_client", name], env=base_env).stdout)
         env = dict(base_env, CELERY_BROKER_URL=broker_urls[variant])
         media = workdir / f"media-{slug(variant)}"
@@ -737,7 +748,7 @@ def _main(args, variants, cleanup, started):
             app, path, auth, queues[variant] = "bench.tuned_wsgi:application", "/api/v1/images/", created["api_key"], "tuned_detect"
         else:
             app, path, auth, queues[variant] = "face_detect_api.wsgi:application", "/api/v1/images/", created["api_key"], "detect"
-        servers[variant] = Server(variant, app, env, path, auth, workdir, kind=server_kind or "gunicorn")
+        servers[variant] = Server(variant, app, env, path, auth, workdir, kind=server_kind)
 
     log(f"starting {len(servers)} servers")
     for server in servers.values():
@@ -824,7 +835,7 @@ def _main(args, variants, cleanup, started):
                      for v in variants if v in mine and v != "baseline"]
             print(f"  round {round_no}: baseline {b['rps']:.0f} ({b['foreign_cores']:.2f}); " + "; ".join(cells))
     for variant, s in summary.items():
-        if variant.startswith("baseline"):
+        if split_variant(variant)[0] == "baseline":
             continue
         verdict = "meets" if s["rps"] > 300 and s["p99"] < 100 else "misses"
         print(f"{variant} {verdict} the target (> 300 req/s with p99 < 100 ms at {args.connections} connections)")
@@ -846,8 +857,8 @@ def _main(args, variants, cleanup, started):
     for variant in variants:
         t = totals[variant]
         expected = t["ok"] + t["in_flight"]
-        row_count, enqueued = counts.get(f"bench-{slug(variant)}", (0, 0))
-        if variant.startswith("baseline"):
+        row_count, enqueued = counts.get(bench_name(variant), (0, 0))
+        if split_variant(variant)[0] == "baseline":
             enqueued = "n/a"
         objects = count_objects(args.storage, targets[variant])
         messages = queue_depth(broker_urls[variant], queues[variant])

@@ -26,14 +26,10 @@ atomic Redis call (api/auth.py), JPEG draft-mode decoding in the upload check (a
 and enqueue() told by submit whether a fetch is needed (workers/pipeline.py).
 """
 
-import logging
 import threading
 import uuid
 
 from django.conf import settings
-from django.utils import timezone
-
-logger = logging.getLogger("bench.tuned")
 
 ALL_PATCHES = ("publish", "fswrite")
 NEXT_TASK = "workers.tasks.send_callback"
@@ -51,7 +47,7 @@ def apply(names=None):
     global _installed
     names = tuple(names if names is not None else settings.TUNED_PATCHES)
     if not _installed:
-        for installer in (_patch_enqueue, _patch_fswrite):
+        for installer in (_patch_build, _patch_fswrite):
             installer()
         _installed = True
     activate(names)
@@ -107,15 +103,11 @@ class _Publisher:
 _publisher = _Publisher()
 
 
-def publish_chain(image_id, fetch=False):
-    """Publish the pipeline's chain: the template for an upload, the canvas for a URL submission."""
+def publish_chain(image_id):
+    """Publish an upload's chain: the message of `pipeline.build(image_id)`, built by hand and sent
+    through the kept producer."""
     from celery import current_app
 
-    from workers import pipeline
-
-    if fetch:
-        pipeline.build(image_id, fetch=True).apply_async()
-        return
     app = current_app
     try:
         app.send_task(producer=_publisher.producer(app), **chain_message_kwargs(app, image_id))
@@ -124,31 +116,30 @@ def publish_chain(image_id, fetch=False):
         raise
 
 
-def _patch_enqueue():
-    """enqueue() as the platform's, except that with `publish` the chain goes out through
-    publish_chain."""
-    from api.models import Image
+class _HandPublished:
+    """What the patched build() returns for an upload: apply_async() sends it by publish_chain."""
+
+    def __init__(self, image_id):
+        self.image_id = image_id
+
+    def apply_async(self):
+        publish_chain(self.image_id)
+
+
+def _patch_build():
+    """pipeline.build as the platform's, except that with `publish` an upload's chain goes out
+    through publish_chain. enqueue() around it (its marks, its handling of a refused publish)
+    stays the platform's own; URL submissions keep the signatures (their first step is a fetch)."""
     from workers import pipeline
 
-    original_enqueue = pipeline.enqueue
+    original_build = pipeline.build
 
-    def enqueue(image_id, fetch=None, marked=False):
-        if "publish" not in ACTIVE:
-            return original_enqueue(image_id, fetch, marked)
-        if fetch is None:
-            fetch = Image.objects.filter(pk=image_id, original_key="").exclude(source_url="").exists()
-        try:
-            publish_chain(image_id, fetch=fetch)
-        except Exception:
-            logger.warning("could not enqueue image %s; the sweeper will retry", image_id, exc_info=True)
-            if marked:
-                pipeline._set_enqueued_at(image_id, None)
-            return False
-        if not marked:
-            pipeline._set_enqueued_at(image_id, timezone.now())
-        return True
+    def build(image_id, fetch=False):
+        if fetch or "publish" not in ACTIVE:
+            return original_build(image_id, fetch=fetch)
+        return _HandPublished(image_id)
 
-    pipeline.enqueue = enqueue
+    pipeline.build = build
 
 
 # --- fswrite -------------------------------------------------------------------------------
