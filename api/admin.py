@@ -55,9 +55,9 @@ class CallbackAttemptInline(admin.TabularInline):
 
 @admin.register(Image)
 class ImageAdmin(admin.ModelAdmin):
-    list_display = ["thumbnail", "id", "status", "client", "request_id", "face_count", "callback_status", "created_at",
-                    "duration"]
-    list_filter = ["status", "callback_status", "annotation", "client", ("created_at", admin.DateFieldListFilter)]
+    list_display = ["thumbnail", "id", "status", "client", "request_id", "engine", "face_count", "callback_status",
+                    "created_at", "duration"]
+    list_filter = ["status", "callback_status", "engine", "annotation", "client", ("created_at", admin.DateFieldListFilter)]
     search_fields = ["=id", "request_id"]
     list_select_related = ["client"]
     date_hierarchy = "created_at"
@@ -66,7 +66,7 @@ class ImageAdmin(admin.ModelAdmin):
     readonly_fields = [
         "id", "client", "batch", "request_id", "source_url", "status", "error_code", "error_message", "preview",
         "width", "height", "format", "size_bytes", "sha256", "original_key", "annotated_key",
-        "min_face_size", "min_confidence", "annotation", "face_count", "attempts",
+        "engine", "min_face_size", "min_confidence", "annotation", "face_count", "attempts",
         "created_at", "enqueued_at", "started_at", "finished_at", "detect_ms",
         "callback_url", "callback_status", "callback_event_id", "callback_attempts",
         "callback_last_status_code", "callback_next_attempt_at",

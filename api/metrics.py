@@ -16,7 +16,7 @@ from .models import Image
 
 # Seconds; detection is ~0.05-1 s per photo, end to end adds the queue wait.
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
-QUEUES = ("detect", "callbacks")
+QUEUES = (*settings.DETECT_QUEUES.values(), "callbacks")
 
 
 def _histogram(name, documentation, seconds_sql):

@@ -119,6 +119,12 @@ class Image(CallbackState):
         BLUR = "blur"
         PIXELATE = "pixelate"
 
+    class Engine(models.TextChoices):
+        """The detector, each with its own queue and worker pool (settings.DETECT_QUEUES)."""
+
+        MTCNN = "mtcnn"
+        BLAZEFACE = "blazeface"
+
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     client = models.ForeignKey(Client, on_delete=models.CASCADE, related_name="images")
     batch = models.ForeignKey(Batch, on_delete=models.SET_NULL, null=True, blank=True, related_name="images")
@@ -136,6 +142,7 @@ class Image(CallbackState):
     min_face_size = models.PositiveIntegerField(default=20)
     min_confidence = models.FloatField(default=0.9)
     annotation = models.CharField(max_length=10, choices=Annotation.choices, default=Annotation.BOXES)
+    engine = models.CharField(max_length=10, choices=Engine.choices, default=Engine.MTCNN)
 
     status = models.CharField(max_length=12, choices=Status.choices, default=Status.QUEUED)
     error_code = models.CharField(max_length=50, blank=True, default="")

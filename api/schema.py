@@ -39,11 +39,16 @@ class Box(Point):
 
 
 class Keypoints(serializers.Serializer):
+    """Eyes and nose from every engine; the rest depends on the engine (image-left/right)."""
+
     left_eye = Point()
     right_eye = Point()
     nose = Point()
-    mouth_left = Point()
-    mouth_right = Point()
+    mouth = Point(required=False, help_text="blazeface")
+    mouth_left = Point(required=False, help_text="mtcnn")
+    mouth_right = Point(required=False, help_text="mtcnn")
+    left_ear = Point(required=False, help_text="blazeface")
+    right_ear = Point(required=False, help_text="blazeface")
 
 
 class FaceDoc(serializers.Serializer):

@@ -9,12 +9,10 @@ from rest_framework import serializers
 from rest_framework.reverse import reverse
 
 from workers.callbacks import BlockedAddress, check_url
+from workers.detection import DEFAULT_MIN_CONFIDENCE
 
 from . import errors, schema
 from .models import Batch, Image
-
-KEYPOINTS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
-
 
 def _no_control_characters(value):
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
@@ -40,13 +38,26 @@ class OptionsSerializer(serializers.Serializer):
     """Detection options, the same for a single image and a batch."""
 
     min_face_size = serializers.IntegerField(min_value=1, max_value=10000, default=20)
-    min_confidence = serializers.FloatField(min_value=0.0, max_value=1.0, default=0.9)
+    min_confidence = serializers.FloatField(
+        min_value=0.0, max_value=1.0, required=False,
+        help_text="faces below it are dropped; default: the engine's own, "
+        + ", ".join(f"{engine} {value}" for engine, value in DEFAULT_MIN_CONFIDENCE.items())
+        + " (each chosen for the best F1 on annotated photos)",
+    )
     annotation = serializers.ChoiceField(choices=Image.Annotation.choices, default=Image.Annotation.BOXES)
+    engine = serializers.ChoiceField(
+        choices=Image.Engine.choices, default=Image.Engine.MTCNN,
+        help_text="mtcnn: the mtcnn package's MTCNN; blazeface: MediaPipe's BlazeFace full-range, several times faster",
+    )
 
     def validate_min_confidence(self, value):
         if not math.isfinite(value):
             raise serializers.ValidationError("must be a number between 0 and 1")
         return value
+
+    def validate(self, attrs):
+        attrs.setdefault("min_confidence", DEFAULT_MIN_CONFIDENCE[attrs["engine"]])
+        return attrs
 
 
 class ImageUploadSerializer(OptionsSerializer):
@@ -67,7 +78,7 @@ class ImageUploadSerializer(OptionsSerializer):
     def validate(self, attrs):
         if ("image" in attrs) == ("image_url" in attrs):
             raise serializers.ValidationError({"image": "send either an image file or an image_url, not both"})
-        return attrs
+        return super().validate(attrs)
 
 
 class BatchSubmitSerializer(OptionsSerializer):
@@ -93,7 +104,10 @@ class BatchSubmitSerializer(OptionsSerializer):
             raise serializers.ValidationError({"images": "send at least one image or image_url"})
         if count > settings.MAX_BATCH_IMAGES:
             raise serializers.ValidationError({"images": f"at most {settings.MAX_BATCH_IMAGES} images a batch"})
-        return attrs
+        return super().validate(attrs)
+
+
+KEYPOINTS = ("left_eye", "right_eye", "nose", "mouth", "mouth_left", "mouth_right", "left_ear", "right_ear")
 
 
 class FaceSerializer(serializers.Serializer):
@@ -101,7 +115,10 @@ class FaceSerializer(serializers.Serializer):
         return {
             "box": {"x": face.x, "y": face.y, "width": face.width, "height": face.height},
             "confidence": round(face.confidence, 6),
-            "keypoints": {name: {"x": face.keypoints[name][0], "y": face.keypoints[name][1]} for name in KEYPOINTS},
+            # The engine's own keypoints (SPEC 2.1: MTCNN's mouth corners, BlazeFace's mouth and
+            # ears), in a fixed order: PostgreSQL's jsonb keeps none.
+            "keypoints": {name: {"x": face.keypoints[name][0], "y": face.keypoints[name][1]}
+                          for name in KEYPOINTS if name in face.keypoints},
         }
 
 
@@ -120,7 +137,8 @@ class ImageSerializer(serializers.ModelSerializer):
     class Meta:
         model = Image
         fields = [
-            "id", "request_id", "status", "error", "image_url", "batch", "width", "height", "face_count", "faces", "annotation",
+            "id", "request_id", "status", "error", "image_url", "batch", "engine", "width", "height", "face_count", "faces",
+            "annotation",
             "min_face_size", "min_confidence", "original_url", "annotated_url", "callback",
             "created_at", "started_at", "finished_at", "timings_ms",
         ]

@@ -253,7 +253,11 @@ CELERY_WORKER_MAX_MEMORY_PER_CHILD = WORKER_MAX_MEMORY_PER_CHILD_MB * 1024
 # a request: close_old_connections() around it keeps a healthy connection for CONN_MAX_AGE and
 # drops a broken one (workers/signals.py).
 CELERY_DB_REUSE_MAX = 1_000_000
-CELERY_TASK_DEFAULT_QUEUE = "detect"
+# Each detection engine has its own queue, consumed by its own worker pool (Procfile, compose,
+# Kubernetes), so operators scale them apart and a worker loads only the engine it serves. MTCNN
+# keeps the `detect` queue it always had: an upgrade strands no message already queued.
+DETECT_QUEUES = {"mtcnn": "detect", "blazeface": "detect-blazeface"}
+CELERY_TASK_DEFAULT_QUEUE = DETECT_QUEUES["mtcnn"]
 CELERY_TASK_ROUTES = {
     "workers.tasks.send_callback": {"queue": "callbacks"},
     "workers.tasks.send_batch_callback": {"queue": "callbacks"},
@@ -327,6 +331,7 @@ FILE_UPLOAD_HANDLERS = [
 # package, networks compiled. Both find the same faces (tests/test_onnx_engine.py).
 DETECT_ENGINE = envchoice("DETECT_ENGINE", "onnx", ("onnx", "tensorflow"))
 ONNX_MODEL_DIR = Path(envstr("ONNX_MODEL_DIR", str(BASE_DIR / "models" / "mtcnn-onnx")))
+BLAZEFACE_MODEL_DIR = Path(envstr("BLAZEFACE_MODEL_DIR", str(BASE_DIR / "models" / "blazeface-onnx")))
 # Photos are downscaled so their long side is at most this before detection (see README).
 DETECT_MAX_SIDE = envint("DETECT_MAX_SIDE", 1024, minimum=64)
 DETECT_THREADS = envint("DETECT_THREADS", 1, minimum=1)

@@ -38,6 +38,8 @@ def test_the_list_shows_images_with_filters_and_search(operator, done_image):
     assert "r-1" in html
 
     assert str(done_image.pk) not in operator.get("/admin/api/image/", {"status__exact": "failed"}).content.decode()
+    assert str(done_image.pk) in operator.get("/admin/api/image/", {"engine__exact": "mtcnn"}).content.decode()
+    assert str(done_image.pk) not in operator.get("/admin/api/image/", {"engine__exact": "blazeface"}).content.decode()
     assert str(done_image.pk) in operator.get("/admin/api/image/", {"q": str(done_image.pk)}).content.decode()
 
 

@@ -36,16 +36,20 @@ COMMANDS = {
     " --no-control-socket --access-logfile - --graceful-timeout 20",
     "worker": "celery -A face_detect_api worker -Q detect -n detect@%h --concurrency $WORKER_CONCURRENCY"
     " --without-gossip --without-mingle -O fair",
+    "worker-blazeface": "celery -A face_detect_api worker -Q detect-blazeface -n detect-blazeface@%h"
+    " --concurrency $WORKER_CONCURRENCY --without-gossip --without-mingle -O fair",
     "callbacks": "celery -A face_detect_api worker -Q callbacks -n callbacks@%h --pool threads --concurrency 8"
     " --without-gossip --without-mingle",
     "beat": "celery -A face_detect_api beat --schedule /tmp/celerybeat-schedule",
 }
 COMPOSE_SERVICES = {
-    "migrate", "api", "worker", "callbacks", "beat", "flower",
+    "migrate", "api", "worker", "worker-blazeface", "callbacks", "beat", "flower",
     "postgres", "rabbitmq", "redis", "minio", "createbucket",
 }
 ONE_SHOT = {"migrate", "createbucket"}
-APP_SERVICES = {"migrate", "api", "worker", "callbacks", "beat"}
+APP_SERVICES = {"migrate", "api", "worker", "worker-blazeface", "callbacks", "beat"}
+# Each detection engine's worker pool: (compose service / Deployment suffix, its queue).
+POOLS = (("worker", "detect"), ("worker-blazeface", "detect-blazeface"))
 # env.env's variables whose values are or carry credentials: the Kubernetes Secret's keys.
 SECRETS = {
     "SECRET_KEY", "DATABASE_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "REDIS_URL",
@@ -197,10 +201,11 @@ def test_every_long_running_service_has_a_healthcheck():
         assert service.get("restart") == "unless-stopped", name
 
 
-def test_the_worker_can_be_scaled_to_many_copies():
-    worker = load_compose()["services"]["worker"]
+@pytest.mark.parametrize("pool", [pool for pool, _ in POOLS])
+def test_the_worker_can_be_scaled_to_many_copies(pool):
+    worker = load_compose()["services"][pool]
     for key in ("container_name", "hostname", "ports"):
-        assert key not in worker, f"worker sets {key}: --scale worker=N would clash"
+        assert key not in worker, f"{pool} sets {key}: --scale {pool}=N would clash"
     assert "replicas" not in worker.get("deploy", {})
 
 
@@ -219,7 +224,7 @@ def test_the_containers_run_the_platform_commands():
 def test_the_worker_healthchecks_ping_their_own_node():
     """The name pinged is the one the worker registers: -n QUEUE@%h, %h being $HOSTNAME."""
     services = load_compose()["services"]
-    for name, queue in (("worker", "detect"), ("callbacks", "callbacks")):
+    for name, queue in (*POOLS, ("callbacks", "callbacks")):
         words = command_words(services[name]["command"])
         assert words[words.index("-n") + 1] == f"{queue}@%h"
         check = services[name]["healthcheck"]["test"]
@@ -417,14 +422,15 @@ def test_beat_runs_exactly_once_in_kubernetes():
     assert "face-detect-beat" not in scaled
 
 
-def test_the_scaled_object_scales_the_workers_on_the_detect_queue():
+@pytest.mark.parametrize(("pool", "queue"), POOLS)
+def test_a_scaled_object_scales_each_engine_pool_on_its_own_queue(pool, queue):
     """KEDA's CRD is outside kubernetes-validate's schemas: its required fields are checked here."""
-    scaled = k8s_object("ScaledObject", "face-detect-worker")
+    scaled = k8s_object("ScaledObject", f"face-detect-{pool}")
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
     spec = scaled["spec"]
-    assert spec["scaleTargetRef"]["name"] == "face-detect-worker"
+    assert spec["scaleTargetRef"]["name"] == f"face-detect-{pool}"
     assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
-    worker = k8s_object("Deployment", "face-detect-worker")
+    worker = k8s_object("Deployment", f"face-detect-{pool}")
     assert "replicas" not in worker["spec"], "KEDA owns the worker count"
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
     for field in ("pollingInterval", "minReplicaCount", "maxReplicaCount"):
@@ -436,7 +442,8 @@ def test_the_scaled_object_scales_the_workers_on_the_detect_queue():
     assert all(isinstance(value, str) for value in metadata.values()), "KEDA trigger metadata are strings"
     assert metadata["mode"] == "QueueLength"
     assert metadata["protocol"] in ("amqp", "auto")
-    assert metadata["queueName"] == settings.CELERY_TASK_DEFAULT_QUEUE == "detect"
+    assert metadata["queueName"] == queue
+    assert queue in settings.DETECT_QUEUES.values()
     assert float(metadata["value"]) > 0
 
     authentication = k8s_object("TriggerAuthentication", trigger["authenticationRef"]["name"])
@@ -445,8 +452,9 @@ def test_the_scaled_object_scales_the_workers_on_the_detect_queue():
     assert reference == {"parameter": "host", "name": "face-detect-secrets", "key": "CELERY_BROKER_URL"}
 
 
-def test_a_worker_pod_holds_one_detection_process():
-    worker = k8s_object("Deployment", "face-detect-worker")
+@pytest.mark.parametrize("pool", [pool for pool, _ in POOLS])
+def test_a_worker_pod_holds_one_detection_process(pool):
+    worker = k8s_object("Deployment", f"face-detect-{pool}")
     container = only_container(worker)
     assert {"name": "WORKER_CONCURRENCY", "value": "1"} in container["env"]
     resources = container["resources"]

@@ -19,6 +19,7 @@ def _drain_detect_queue():
 @pytest.fixture(autouse=True)
 def _empty_queue():
     _drain_detect_queue()
+    drain("detect-blazeface")
 
 
 def test_it_accepts_an_upload_stores_it_and_enqueues_after_commit(api, integrator):
@@ -142,3 +143,47 @@ def test_the_kept_serializer_gives_what_a_fresh_one_gives_for_every_state(api, s
             kept = ImageSerializer.represent(image, context)
             assert json.dumps(kept, default=str) == json.dumps(ImageSerializer(image, context=context).data, default=str)
             assert host in kept["original_url"]
+
+
+def test_each_engine_goes_to_its_own_queue_with_its_own_default_confidence(api):
+    from workers.detection import DEFAULT_MIN_CONFIDENCE
+
+    mtcnn = upload(api, "clm_cage.jpg").json()
+    blazeface = upload(api, "clm_audrey.jpg", engine="blazeface").json()
+
+    assert (mtcnn["engine"], mtcnn["min_confidence"]) == ("mtcnn", DEFAULT_MIN_CONFIDENCE["mtcnn"])
+    assert (blazeface["engine"], blazeface["min_confidence"]) == ("blazeface", DEFAULT_MIN_CONFIDENCE["blazeface"])
+    assert Image.objects.get(pk=blazeface["id"]).engine == "blazeface"
+    # Each pool consumes only its own queue: a BlazeFace worker never sees an MTCNN image.
+    assert [payload[0] for _, payload in wait_for(_drain_detect_queue, timeout=10)] == [[mtcnn["id"]]]
+    assert [payload[0] for _, payload in wait_for(lambda: drain("detect-blazeface"), timeout=10)] == [[blazeface["id"]]]
+
+
+def test_a_given_confidence_wins_over_the_engines_default(api):
+    body = upload(api, engine="blazeface", min_confidence="0.97").json()
+    assert (body["engine"], body["min_confidence"]) == ("blazeface", 0.97)
+
+
+def test_an_unknown_engine_is_refused_and_nothing_is_stored(api):
+    response = upload(api, engine="haar")
+
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert "engine" in error["details"]["fields"]
+    assert Image.objects.count() == 0
+    assert _drain_detect_queue() == []
+
+
+def test_a_batch_sends_every_image_to_its_engines_queue(api):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    response = api.post("/api/v1/batches/", {
+        "images": [SimpleUploadedFile(name, photo(name)) for name in ("clm_cage.jpg", "clm_audrey.jpg")],
+        "engine": "blazeface",
+    }, format="multipart")
+
+    assert response.status_code == 202
+    assert {image["engine"] for image in response.json()["images"]} == {"blazeface"}
+    messages = wait_for(lambda: drain("detect-blazeface"), timeout=10)
+    assert len(messages) == 2

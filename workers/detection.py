@@ -24,10 +24,15 @@ import PIL.Image
 import PIL.ImageOps
 from django.conf import settings
 
+# Each engine's min_confidence when a request gives none, chosen for the best F1 on the annotated
+# photos (bench.quality; BENCHMARKS.md has the sweep).
+DEFAULT_MIN_CONFIDENCE = {"mtcnn": 0.9, "blazeface": 0.75}
 KEYPOINTS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 # MTCNN's smallest window, and the largest min_face_size mtcnn 1.0.0 handles correctly.
 MTCNN_WINDOW = 12
 MTCNN_MAX_MIN_FACE = 20
+# Candidates under O-Net's input size at the detection scale get a second look at full resolution.
+SECOND_LOOK_BELOW = 48
 
 # TensorFlow's C++ info lines (oneDNN, CPU features, the package's swallowed "no faces" errors)
 # drown the worker's own log.
@@ -35,6 +40,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 _lock = threading.Lock()
 _detector = None
+_blazeface = None
 
 
 class UndecodableImage(Exception):
@@ -116,8 +122,28 @@ def get_detector():
     return _detector
 
 
-def find_faces(image, min_face_size=20, min_confidence=0.9, max_side=None, detector=None):
-    """Faces in an upright RGB Pillow image, in its own pixels, strongest first."""
+def get_blazeface():
+    """The process's BlazeFace engine, created on first use (it never imports TensorFlow)."""
+    global _blazeface
+    if _blazeface is None:
+        with _lock:
+            if _blazeface is None:
+                from .blazeface import BlazeFace
+
+                _blazeface = BlazeFace(settings.BLAZEFACE_MODEL_DIR, threads=settings.DETECT_THREADS)
+    return _blazeface
+
+
+def find_faces(image, min_face_size=20, min_confidence=None, max_side=None, detector=None, engine="mtcnn",
+               second_look=True):
+    """Faces in an upright RGB Pillow image, in its own pixels, strongest first, found by
+    `engine` (MTCNN through the resolution policy, or BlazeFace) at or above `min_confidence`
+    (the engine's default when None). `second_look=False` turns the policy's full-resolution
+    check of small MTCNN candidates off (for bench.quality)."""
+    if min_confidence is None:
+        min_confidence = DEFAULT_MIN_CONFIDENCE[engine]
+    if engine == "blazeface":
+        return get_blazeface().find_faces(image, min_face_size=min_face_size, min_confidence=min_confidence)
     detector = detector or get_detector()
     width, height = image.size
     how = plan(width, height, min_face_size, max_side or settings.DETECT_MAX_SIDE)
@@ -127,29 +153,75 @@ def find_faces(image, min_face_size=20, min_confidence=0.9, max_side=None, detec
     else:
         small = image
     # The scale actually applied on each axis, after rounding to whole pixels.
-    sx, sy = width / small.size[0], height / small.size[1]
-
-    faces = []
-    for raw in detector.detect(np.asarray(small), min_face_size=how.mtcnn_min_face_size):
-        if raw["confidence"] < min_confidence:
-            continue
-        x, y, w, h = raw["box"]
-        x0, y0 = _clip(x * sx, width), _clip(y * sy, height)
-        x1, y1 = _clip((x + w) * sx, width), _clip((y + h) * sy, height)
-        if x1 - x0 < 1 or y1 - y0 < 1:
-            continue
-        faces.append(
-            {
-                "box": {"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0},
-                "confidence": raw["confidence"],
-                "keypoints": {
-                    name: [_clip(px * sx, width - 1), _clip(py * sy, height - 1)]
-                    for name, (px, py) in raw["keypoints"].items()
-                },
-            }
-        )
+    scale = (width / small.size[0], height / small.size[1])
+    faces = [
+        face
+        for raw in detector.detect(np.asarray(small), min_face_size=how.mtcnn_min_face_size)
+        if raw["confidence"] >= min_confidence and (face := _to_original(raw, image.size, scale))
+    ]
+    if second_look and how.scale < 1.0:
+        min_window = min(max(float(min_face_size), MTCNN_WINDOW), MTCNN_MAX_MIN_FACE)
+        faces = [
+            checked
+            for face in faces
+            if (checked := face if min(face["box"]["width"], face["box"]["height"]) * how.scale >= SECOND_LOOK_BELOW
+                else _second_look(detector, image, face, min_window, min_confidence))
+        ]
     faces.sort(key=lambda face: face["confidence"], reverse=True)
     return faces
+
+
+def _to_original(raw, size, scale=(1.0, 1.0), offset=(0, 0)):
+    """A raw detection of a scaled (and/or cropped) copy, in the original's pixels, clipped to
+    it; None if nothing of it is left inside."""
+    (width, height), (sx, sy), (ox, oy) = size, scale, offset
+    x, y, w, h = raw["box"]
+    x0, y0 = _clip(ox + x * sx, width), _clip(oy + y * sy, height)
+    x1, y1 = _clip(ox + (x + w) * sx, width), _clip(oy + (y + h) * sy, height)
+    if x1 - x0 < 1 or y1 - y0 < 1:
+        return None
+    return {
+        "box": {"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0},
+        "confidence": raw["confidence"],
+        "keypoints": {
+            name: [_clip(ox + px * sx, width - 1), _clip(oy + py * sy, height - 1)]
+            for name, (px, py) in raw["keypoints"].items()
+        },
+    }
+
+
+def _second_look(detector, image, face, min_window, min_confidence):
+    """A small candidate of the downscaled photo, looked at again at full resolution: MTCNN on a
+    crop of the original three times the candidate's size. Returns the face found there that
+    overlaps the candidate (with its full-resolution box, keypoints and confidence), or None.
+
+    The downscaled photo gives O-Net fewer pixels of a small candidate than its 48-px input, and
+    texture can pass for a face on so few (a patterned dress at 0.96 in a 1920-px photo, which the
+    package at full resolution does not report). At full resolution the candidate is judged on
+    the pixels the package would judge it on, and a crop keeps that cheap."""
+    box = face["box"]
+    margin = max(box["width"], box["height"])
+    left, top = max(0, box["x"] - margin), max(0, box["y"] - margin)
+    right = min(image.size[0], box["x"] + box["width"] + margin)
+    bottom = min(image.size[1], box["y"] + box["height"] + margin)
+    crop = np.asarray(image.crop((left, top, right, bottom)))
+    candidate = (box["x"], box["y"], box["width"], box["height"])
+    best = None
+    for raw in detector.detect(crop, min_face_size=min_window):
+        if raw["confidence"] < min_confidence:
+            continue
+        found = _to_original(raw, image.size, offset=(left, top))
+        if found and _iou(candidate, tuple(found["box"].values())) >= 0.5:
+            if best is None or found["confidence"] > best["confidence"]:
+                best = found
+    return best
+
+
+def _iou(a, b):
+    ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
 
 
 def _clip(value, limit):

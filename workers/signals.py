@@ -1,9 +1,11 @@
-"""Worker process hooks: detection workers import TensorFlow once in the parent and build the
-detector in each pool child right after the fork, so the first image is not slow."""
+"""Worker process hooks: a detection worker learns its engines from the queues it consumes
+(settings.DETECT_QUEUES), imports TensorFlow once in the parent when MTCNN runs on it, and builds
+its engines in each pool child right after the fork, so the first image is not slow. A worker
+loads only the engines of its queues: a BlazeFace worker never imports TensorFlow."""
 
 import logging
 
-import numpy as np
+import PIL.Image
 from celery import signals
 from django.db import close_old_connections
 
@@ -13,7 +15,7 @@ from . import detection  # sets TensorFlow's log level before anything imports i
 
 logger = logging.getLogger(__name__)
 
-_runs_detection = False
+_engines = ()
 
 
 @signals.celeryd_init.connect
@@ -25,11 +27,12 @@ def _patient_publishing(conf=None, **kwargs):
 
 @signals.celeryd_after_setup.connect
 def _note_queues(sender, instance, **kwargs):
-    global _runs_detection
-    _runs_detection = "detect" in instance.app.amqp.queues.consume_from
+    global _engines
     from django.conf import settings
 
-    if _runs_detection and settings.DETECT_ENGINE == "tensorflow":
+    consumed = instance.app.amqp.queues.consume_from
+    _engines = tuple(engine for engine, queue in settings.DETECT_QUEUES.items() if queue in consumed)
+    if "mtcnn" in _engines and settings.DETECT_ENGINE == "tensorflow":
         # Importing (not using) TensorFlow before the fork is safe and saves every recycled child
         # the import; creating the model here would hang the children.
         import tensorflow  # noqa: F401
@@ -37,10 +40,12 @@ def _note_queues(sender, instance, **kwargs):
 
 @signals.worker_process_init.connect
 def _warm_up_detector(**kwargs):
-    if not _runs_detection:
+    if not _engines:
         return
-    detection.get_detector().detect(np.zeros((64, 64, 3), dtype=np.uint8))
-    logger.info("detector ready")
+    blank = PIL.Image.new("RGB", (64, 64))
+    for engine in _engines:
+        detection.find_faces(blank, engine=engine)
+    logger.info("detector ready: %s", ", ".join(_engines))
 
 
 @signals.task_prerun.connect

@@ -73,7 +73,7 @@ def detect_faces(self, image_id):
     except detection.UndecodableImage as error:
         raise PipelineError("undecodable_image", f"The stored image cannot be decoded: {error}") from None
     started = time.perf_counter()
-    faces = detection.find_faces(upright, image.min_face_size, image.min_confidence)
+    faces = detection.find_faces(upright, image.min_face_size, image.min_confidence, engine=image.engine)
     detect_ms = round((time.perf_counter() - started) * 1000)
     logger.info("image %s: %d faces in %d ms", image_id, len(faces), detect_ms)
     output, output_format = drawing.annotate_image(upright, faces, image.annotation, image.format)

@@ -62,7 +62,7 @@ def _fail(message, status=EXIT_ERROR):
 def submit(client, args):
     image = client.submit(args.photo, request_id=args.request_id, callback_url=args.callback_url,
                           min_face_size=args.min_face_size, min_confidence=args.min_confidence,
-                          annotation=args.annotation)
+                          annotation=args.annotation, engine=args.engine)
     if args.wait or args.out:
         _note(f"submitted {image['id']} ({image['status']}); waiting up to {args.timeout:g} s")
         image = client.wait(image["id"], timeout=args.timeout)
@@ -120,6 +120,8 @@ def _parser():
     p.add_argument("--request-id", help="your idempotency key (at most 128 characters)")
     p.add_argument("--callback-url", help="http(s) URL that receives the signed result")
     p.add_argument("--annotation", choices=("boxes", "blur", "pixelate"))
+    p.add_argument("--engine", choices=("mtcnn", "blazeface"),
+                   help="the detector (server default: mtcnn); blazeface is several times faster")
     p.add_argument("--min-face-size", type=int, metavar="PIXELS")
     p.add_argument("--min-confidence", type=float, metavar="0..1")
     p.add_argument("--wait", action="store_true", help="wait until the image is done or failed")
