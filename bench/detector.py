@@ -10,6 +10,8 @@ Engines
        on the long side, one TensorFlow thread (counted as 1 core).
   C    the same with the platform's default engine, `OnnxDetector(models/mtcnn-onnx, threads=1)`:
        MTCNN's own networks on ONNX Runtime (export them first: `make install`); 1 core.
+  C0   C without the resolution policy's second look (`second_look=False`): how the policy ran
+       before small candidates were re-judged at full resolution, for the cost of that check.
   Cx2  two C processes fed from one shared queue, one photo at a time, as the platform deploys
        (a single-threaded worker per core, Celery-style prefetch of 1); counted as 2 cores.
 
@@ -103,7 +105,7 @@ def make_engine(engine):
 
     from workers.detection import Detector, find_faces
 
-    if engine == "C":
+    if engine in ("C", "C0"):
         from workers.onnx_engine import OnnxDetector, default_model_dir
 
         detector = OnnxDetector(default_model_dir(), threads=1)
@@ -111,7 +113,8 @@ def make_engine(engine):
         detector = Detector(threads=1)
 
     def detect(image):
-        faces = find_faces(image, min_face_size=20, min_confidence=MIN_CONFIDENCE, max_side=1024, detector=detector)
+        faces = find_faces(image, min_face_size=20, min_confidence=MIN_CONFIDENCE, max_side=1024, detector=detector,
+                           second_look=engine != "C0")
         return [[*(face["box"][k] for k in ("x", "y", "width", "height")), face["confidence"]] for face in faces]
 
     return detect
@@ -286,7 +289,7 @@ def main():
     parser.add_argument("--passes", type=int, default=3, help="measured passes over all photos (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-pass photo orders")
     parser.add_argument("--photos", type=Path, default=PHOTOS, help="folder with the photos and faces.tsv")
-    parser.add_argument("--worker", choices=("A", "B", "C"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("A", "B", "C", "C0"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return serve(args.worker, args.photos)
@@ -295,11 +298,11 @@ def main():
     by_file = {row["file"]: row for row in rows}
     files = [row["file"] for row in rows]
     cores = os.cpu_count() or 1
-    engines = {"A": cores, "B": 1, "C": 1, "Cx2": 2}
+    engines = {"A": cores, "B": 1, "C": 1, "C0": 1, "Cx2": 2}
     load_before = os.getloadavg()[0]
     began = time.perf_counter()
 
-    workers = {name: Worker(engine, args.photos) for name, engine in (("A", "A"), ("B", "B"), ("C", "C"), ("C2", "C"))}
+    workers = {name: Worker(engine, args.photos) for name, engine in (("A", "A"), ("B", "B"), ("C", "C"), ("C0", "C0"), ("C2", "C"))}
     for worker in workers.values():
         worker.receive()
     loaded = time.perf_counter()
@@ -309,7 +312,8 @@ def main():
     reference["Cx2"] = reference["C2"]
     warmed = time.perf_counter()
 
-    pools = {"A": [workers["A"]], "B": [workers["B"]], "C": [workers["C"]], "Cx2": [workers["C"], workers["C2"]]}
+    pools = {"A": [workers["A"]], "B": [workers["B"]], "C": [workers["C"]], "C0": [workers["C0"]],
+             "Cx2": [workers["C"], workers["C2"]]}
     turns = {name: [] for name in engines}
     unstable = set()
     rng = random.Random(args.seed)
