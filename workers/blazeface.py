@@ -43,7 +43,6 @@ Faces smaller than `min_face_size` (the box's longer side) are dropped.
 
 import math
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -64,12 +63,8 @@ MIN_SCORE = 0.6  # min_score_thresh of the full-range graph
 NMS_IOU = 0.3
 # Across passes, a face mostly inside a stronger one is dropped (suppress_nested).
 NESTED = 0.5
-DEFAULT_MIN_CONFIDENCE = 0.6
 # The tile pass's largest working size (TILING below).
 DEFAULT_MAX_SIDE = 384
-
-_lock = threading.Lock()
-_detector = None
 
 
 def anchors():
@@ -100,16 +95,6 @@ def default_model_dir():
     )
 
 
-def get_blazeface(threads=1):
-    """The process's BlazeFace, from default_model_dir(), created on first use."""
-    global _detector
-    if _detector is None:
-        with _lock:
-            if _detector is None:
-                _detector = BlazeFace(default_model_dir(), threads=threads)
-    return _detector
-
-
 class BlazeFace:
     """MediaPipe's full-range BlazeFace on ONNX Runtime; see the module docstring."""
 
@@ -126,7 +111,7 @@ class BlazeFace:
         regressors, scores = self._session.run(["regressors", "scores"], {self._input: tensor})
         return regressors[0], scores[0, :, 0]
 
-    def find_faces(self, image, min_face_size=20, min_confidence=DEFAULT_MIN_CONFIDENCE, max_side=None):
+    def find_faces(self, image, min_face_size=20, min_confidence=MIN_SCORE, max_side=None):
         """Faces in an upright RGB Pillow image, in its own pixels, strongest first.
 
         `max_side` (default: the detector's) bounds the work: tiles never look at the photo at

@@ -26,7 +26,7 @@ from django.conf import settings
 
 # Each engine's min_confidence when a request gives none, chosen for the best F1 on the annotated
 # photos (bench.quality; BENCHMARKS.md has the sweep).
-DEFAULT_MIN_CONFIDENCE = {"mtcnn": 0.9, "blazeface": 0.75}
+DEFAULT_MIN_CONFIDENCE = {"mtcnn": 0.9, "blazeface": 0.6}
 KEYPOINTS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 # MTCNN's smallest window, and the largest min_face_size mtcnn 1.0.0 handles correctly.
 MTCNN_WINDOW = 12

@@ -1,5 +1,5 @@
-"""Real worker processes for end-to-end tests: a prefork `detect` worker running the real
-detector, a threaded `callbacks` worker, and beat, all against the test database, the session's
+"""Real worker processes for end-to-end tests: a prefork worker for each engine's queue running
+the real detector, a threaded `callbacks` worker, and beat, all against the test database, the session's
 RabbitMQ vhost and the S3 server. Started once for this package, stopped after it."""
 
 import os
@@ -70,11 +70,14 @@ def workers(django_db_setup, django_db_blocker, rabbit_vhost, s3_server):
     env = worker_env()
     common = ["--without-gossip", "--without-mingle", "--loglevel", "INFO"]
     procs.start("detect", ["worker", "-Q", "detect", "-n", "e2e-detect@%h", "-c", "2", "-O", "fair", *common], env)
+    procs.start("detect-blazeface", ["worker", "-Q", "detect-blazeface", "-n", "e2e-detect-blazeface@%h", "-c", "1",
+                                     "-O", "fair", *common], env)
     procs.start("callbacks", ["worker", "-Q", "callbacks", "-n", "e2e-callbacks@%h", "-P", "threads", "-c", "4", *common], env)
     procs.start("beat", ["beat", "-s", str(procs.logdir / "schedule"), "--loglevel", "INFO"], env)
     try:
         procs.wait_ready("callbacks", " ready.")
         procs.wait_ready("detect", "detector ready", count=2)
+        procs.wait_ready("detect-blazeface", "detector ready")
         yield procs
     finally:
         procs.stop()
