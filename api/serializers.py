@@ -102,6 +102,8 @@ class FaceSerializer(serializers.Serializer):
             "box": {"x": face.x, "y": face.y, "width": face.width, "height": face.height},
             "confidence": round(face.confidence, 6),
             "keypoints": {name: {"x": face.keypoints[name][0], "y": face.keypoints[name][1]} for name in KEYPOINTS},
+            "pose": face.pose,
+            "quality": face.quality,
         }
 
 
