@@ -7,6 +7,7 @@ darken, halve) and checks the values move accordingly. docs/quality.md gives the
 import io
 import math
 
+import numpy as np
 import PIL.Image
 import PIL.ImageEnhance
 import PIL.ImageFilter
@@ -211,7 +212,10 @@ def test_a_face_turned_to_the_image_right_has_positive_yaw_and_one_looking_up_po
     """The sign conventions, on keypoints the generic face itself projects at a known pose."""
     for yaw, pitch in ((30, 0), (-30, 0), (0, 20), (0, -20), (25, -15)):
         # Turning to the image's right is about the y axis (up), looking up about the x axis (right).
-        rotation = face_quality._rotation(0.0, math.radians(yaw), 0.0) @ face_quality._rotation(-math.radians(pitch), 0.0, 0.0)
+        b, a = math.radians(yaw), math.radians(pitch)
+        turn = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
+        nod = np.array([[1, 0, 0], [0, math.cos(a), math.sin(a)], [0, -math.sin(a), math.cos(a)]])
+        rotation = turn @ nod
         for names in (("left_eye", "right_eye", "nose", "mouth_left", "mouth_right"),
                       ("left_eye", "right_eye", "nose", "mouth", "left_ear", "right_ear")):
             keypoints = {}

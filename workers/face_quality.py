@@ -27,9 +27,10 @@ import PIL.Image
 
 # A generic adult face in millimetres: x towards the image's right for a frontal face, y up, z
 # towards the camera, origin between the eye centres. Interpupillary distance 63 mm; the frontal
-# layout of nose and mouth is MTCNN's mean on the portraits of tests/photos, so that a face looking
-# into the camera fits at yaw and pitch near 0; depths and ears are anthropometric estimates
-# (docs/quality.md). Names follow the engines' image-left/right convention.
+# layout of nose and mouth is the rounded mean of MTCNN's keypoints over the faces of tests/photos
+# (in eye distances), so that a face looking into the camera fits near yaw and pitch 0; depths and
+# ears are anthropometric estimates (docs/quality.md). Names follow the engines' image-left/right
+# convention.
 MODEL = {
     "left_eye": (-31.5, 0.0, 0.0),
     "right_eye": (31.5, 0.0, 0.0),
@@ -45,10 +46,10 @@ WEIGHTS = {"left_ear": 0.5, "right_ear": 0.5}
 # Side of the square grey crop that sharpness, brightness and contrast are measured on: a face's
 # own scale, so a 200-px face and its 100-px copy read alike.
 CROP = 64
-# Sharpness = 1 - exp(-r / SHARPNESS_SCALE): r is 0.1-0.55 on the sharp faces of tests/photos,
-# which then read 0.3-0.9; a 2-px Gaussian blur of a portrait roughly halves r.
+# Sharpness = 1 - exp(-r / SHARPNESS_SCALE): r is 0.1-0.55 on the faces of tests/photos, which then
+# read 0.33-0.89; a Gaussian blur of 1.5 px takes 0.1-0.55 off them (bench/face_quality.py).
 SHARPNESS_SCALE = 0.25
-ITERATIONS = 20
+ITERATIONS = 30
 TOLERANCE = 1e-3  # radians: 0.06 degrees, under the output's rounding
 
 
@@ -81,52 +82,65 @@ def ipd(keypoints):
 
 
 def fit(keypoints):
-    """Fit MODEL to the keypoints under scaled orthographic projection (weighted Gauss-Newton).
+    """Fit MODEL to the keypoints under scaled orthographic projection.
 
     Returns (rotation 3x3, scale, shift 2) with image point (x, -y) ~ scale * (rotation @ P)[:2] +
     shift for each model point P: y is flipped so that the fit's axes are x right, y up, z out.
+    Weighted least squares; the shift and scale are solved exactly for each rotation (variable
+    projection) and the rotation by Gauss-Newton steps. Plain floats: on five or six points numpy's
+    per-call overhead costs more than the arithmetic.
     """
     names = tuple(sorted(name for name in keypoints if name in MODEL))
-    model, weights = _model(names)
-    points = np.array([keypoints[name] for name in names], dtype=float) * (1.0, -1.0)
+    model, weights, model_centre = _centred_model(names)
+    points = [(keypoints[name][0], -keypoints[name][1]) for name in names]
+    cx = sum(w * x for w, (x, _y) in zip(weights, points, strict=True))
+    cy = sum(w * y for w, (_x, y) in zip(weights, points, strict=True))
+    seen = [(x - cx, y - cy) for x, y in points]
 
-    # Start frontal, with the eye line's roll and the eyes' scale and place.
-    rotation = _rotation(0.0, 0.0, math.radians(roll(keypoints)))
-    scale = max(ipd(keypoints), 1e-6) / (MODEL["right_eye"][0] - MODEL["left_eye"][0])
-    shift = points.mean(axis=0) - scale * (model @ rotation.T)[:, :2].mean(axis=0)
-    jacobian = np.zeros((len(names), 2, 6))
-    jacobian[:, 0, 4] = jacobian[:, 1, 5] = 1.0
+    rotation = _exp(0.0, 0.0, math.radians(roll(keypoints)))  # start frontal, at the eye line's roll
+    scale = 0.0
     for _ in range(ITERATIONS):
-        rotated = model @ rotation.T
-        residual = ((scale * rotated[:, :2] + shift - points) * weights).ravel()
-        # d(R P)/d(omega) = -[R P]x for R <- exp([omega]x) R: only x and y of it are seen.
-        x, y, z = rotated[:, 0] * scale, rotated[:, 1] * scale, rotated[:, 2] * scale
-        jacobian[:, 0, 1], jacobian[:, 0, 2] = z, -y
-        jacobian[:, 1, 0], jacobian[:, 1, 2] = -z, x
-        jacobian[:, :, 3] = rotated[:, :2]
-        weighted = (jacobian * weights[:, :, None]).reshape(-1, 6)
-        normal = weighted.T @ weighted
-        # Levenberg's damping keeps a step sane where the points barely constrain depth.
-        normal.flat[::7] *= 1.0 + 1e-3
-        try:
-            step = np.linalg.solve(normal, -weighted.T @ residual)
-        except np.linalg.LinAlgError:  # keypoints on top of each other: keep the frontal start
+        rotated = [_apply(rotation, point) for point in model]
+        projected = sum(w * (qx * qx + qy * qy) for w, (qx, qy, _qz) in zip(weights, rotated, strict=True))
+        scale = sum(w * (qx * u + qy * v) for w, (qx, qy, _qz), (u, v) in zip(weights, rotated, seen, strict=True))
+        scale /= projected
+        # Gauss-Newton normal equations for R <- exp([omega]x) R, whose d(R P)/d(omega) is
+        # -[R P]x; with scale^2 and scale factored out of them.
+        zz = zx = zy = xy = g1 = g2 = g3 = 0.0
+        for w, (qx, qy, qz), (u, v) in zip(weights, rotated, seen, strict=True):
+            rx, ry = scale * qx - u, scale * qy - v
+            zz += w * qz * qz
+            zx += w * qz * qx
+            zy += w * qz * qy
+            xy += w * (qx * qx + qy * qy)
+            g1 -= w * qz * ry
+            g2 += w * qz * rx
+            g3 += w * (qx * ry - qy * rx)
+        # [[zz, 0, -zx], [0, zz, -zy], [-zx, -zy, xy]] omega = -(g1, g2, g3) / scale
+        pivot = zz * (xy * zz - zx * zx - zy * zy)
+        if abs(scale) < 1e-9 or abs(pivot) < 1e-12 * (xy * zz) ** 1.5:
+            break  # keypoints on top of each other: no rotation to find
+        t1, t2, t3 = -g1 / scale, -g2 / scale, -g3 / scale
+        oz = zz * (t3 * zz + zx * t1 + zy * t2) / pivot
+        ox, oy = (t1 + zx * oz) / zz, (t2 + zy * oz) / zz
+        rotation = _matmul(_exp(ox, oy, oz), rotation)
+        if max(abs(ox), abs(oy), abs(oz)) < TOLERANCE:
             break
-        rotation = _exp(step[:3]) @ rotation
-        scale += step[3]
-        shift = shift + step[4:]
-        if abs(step[:3]).max() < TOLERANCE:
-            break
+    rotation = np.array(rotation)
     if scale < 0:  # -s R[:2] is s (Rz(180) R)[:2]: the same fit with a positive scale
         rotation, scale = np.diag([-1.0, -1.0, 1.0]) @ rotation, -scale
+    shift = np.array([cx, cy]) - scale * (rotation @ model_centre)[:2]
     return rotation, scale, shift
 
 
 @functools.cache
-def _model(names):
-    """MODEL's points for these keypoint names, and the square roots of their weights (N x 1)."""
-    model = np.array([MODEL[name] for name in names])
-    return model, np.sqrt([[WEIGHTS.get(name, 1.0)] for name in names])
+def _centred_model(names):
+    """MODEL's points for these names about their weighted centre, the weights (summing to 1), the centre."""
+    weights = [WEIGHTS.get(name, 1.0) for name in names]
+    weights = [w / sum(weights) for w in weights]
+    centre = [sum(w * MODEL[name][axis] for w, name in zip(weights, names, strict=True)) for axis in range(3)]
+    model = [tuple(MODEL[name][axis] - centre[axis] for axis in range(3)) for name in names]
+    return model, weights, np.array(centre)
 
 
 def _yaw_pitch(keypoints):
@@ -144,29 +158,39 @@ def _yaw_pitch(keypoints):
 def _pixels(image, box):
     """Sharpness, brightness and contrast of the face box, on CROP x CROP luma."""
     x, y = box["x"], box["y"]
-    right, bottom = x + max(box["width"], 1), y + max(box["height"], 1)
-    grey = image.crop((x, y, right, bottom)).convert("L").resize((CROP, CROP), PIL.Image.Resampling.BILINEAR)
-    luma = np.asarray(grey, dtype=np.float32) / 255.0
+    width, height = max(box["width"], 1), max(box["height"], 1)
+    # One antialiased resize, whatever the face's size: a box-average first (Image.reduce) is
+    # faster but makes a 200-px face read 0.05 sharper than its 100-px copy.
+    grey = image.crop((x, y, x + width, y + height)).convert("L").resize((CROP, CROP), PIL.Image.Resampling.BILINEAR)
+    luma = np.asarray(grey, dtype=np.float32)
     variance = float(luma.var())
-    laplacian = (luma[:-2, 1:-1] + luma[2:, 1:-1] + luma[1:-1, :-2] + luma[1:-1, 2:]) - 4.0 * luma[1:-1, 1:-1]
-    ratio = float(laplacian.var()) / variance if variance > 1e-8 else 0.0
+    laplacian = luma[:-2, 1:-1] + luma[2:, 1:-1] + luma[1:-1, :-2] + luma[1:-1, 2:] - 4.0 * luma[1:-1, 1:-1]
+    ratio = float(laplacian.var()) / variance if variance > 1e-6 else 0.0
     return {
         "sharpness": round(1.0 - math.exp(-ratio / SHARPNESS_SCALE), 3),
-        "brightness": round(float(luma.mean()), 3),
-        "contrast": round(math.sqrt(variance), 3),
+        "brightness": round(float(luma.mean()) / 255.0, 3),
+        "contrast": round(math.sqrt(variance) / 255.0, 3),
     }
 
 
-def _exp(omega):
-    """Rodrigues: the rotation matrix of a rotation vector."""
-    x, y, z = (float(v) for v in omega)
+def _exp(x, y, z):
+    """Rodrigues: the rotation matrix (rows of floats) of the rotation vector (x, y, z), radians."""
     theta = math.sqrt(x * x + y * y + z * z)
     if theta < 1e-12:
-        return np.eye(3)
-    cross = np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]]) / theta
-    return np.eye(3) + math.sin(theta) * cross + (1.0 - math.cos(theta)) * (cross @ cross)
+        return ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+    kx, ky, kz = x / theta, y / theta, z / theta
+    c, s = math.cos(theta), math.sin(theta)
+    v = 1.0 - c
+    return (
+        (c + kx * kx * v, kx * ky * v - kz * s, kx * kz * v + ky * s),
+        (ky * kx * v + kz * s, c + ky * ky * v, ky * kz * v - kx * s),
+        (kz * kx * v - ky * s, kz * ky * v + kx * s, c + kz * kz * v),
+    )
 
 
-def _rotation(x, y, z):
-    """The rotation matrix of a rotation vector, in radians."""
-    return _exp((x, y, z))
+def _apply(rows, point):
+    return tuple(r[0] * point[0] + r[1] * point[1] + r[2] * point[2] for r in rows)
+
+
+def _matmul(a, b):
+    return tuple(tuple(sum(a[i][k] * b[k][j] for k in range(3)) for j in range(3)) for i in range(3))
