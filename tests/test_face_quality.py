@@ -4,7 +4,7 @@ No labelled data: each test changes a photo in a way whose effect is known (mirr
 darken, halve) and checks the values move accordingly. docs/quality.md gives the figures.
 """
 
-import io
+import functools
 import math
 
 import numpy as np
@@ -23,7 +23,9 @@ FRONTAL_PORTRAITS = ["mpl_grace_hopper.jpg", "skimage_astronaut.png"]  # faces.t
 GROUP_PHOTOS = ["vlad_sample1.jpg", "vlad_sample3.jpg"]  # 1920 px wide, three faces each
 
 
+@functools.cache
 def upright(name):
+    """The decoded photo, shared by the tests: nothing here changes an image in place."""
     return detection.load_upright_rgb(photo(name))
 
 
@@ -237,7 +239,7 @@ def test_any_keypoints_and_box_give_values_in_the_documented_ranges(points, box,
     """Whatever a detector returns, the values stay inside the OpenAPI schema's ranges."""
     names = (("left_eye", "right_eye", "nose", "mouth_left", "mouth_right") if engine == "mtcnn"
              else ("left_eye", "right_eye", "nose", "mouth", "left_ear"))
-    image = PIL.Image.open(io.BytesIO(photo("clm_cage.jpg"))).convert("RGB")
+    image = upright("clm_cage.jpg")
     face = {"box": dict(zip(("x", "y", "width", "height"), box, strict=True)),
             "keypoints": dict(zip(names, ([x, y] for x, y in points), strict=True))}
     described = face_quality.describe(image, face)
