@@ -31,12 +31,25 @@ class ClientAdmin(admin.ModelAdmin):
         return client.images.count()
 
 
+def _reading(group, name):
+    """A face inline column: one value of the face's `pose` or `quality` ("-" on faces from before them)."""
+
+    @admin.display(description=name)
+    def column(self, face):
+        return (getattr(face, group) or {}).get(name, "-")
+
+    return column
+
+
 class FaceInline(admin.TabularInline):
     model = Face
-    fields = ["index", "x", "y", "width", "height", "confidence", "keypoints"]
+    fields = ["index", "x", "y", "width", "height", "confidence", "yaw", "pitch", "roll", "sharpness", "brightness",
+              "contrast", "ipd", "keypoints"]
     readonly_fields = fields
     extra = 0
     can_delete = False
+    yaw, pitch, roll = (_reading("pose", name) for name in ("yaw", "pitch", "roll"))
+    sharpness, brightness, contrast, ipd = (_reading("quality", name) for name in ("sharpness", "brightness", "contrast", "ipd"))
 
     def has_add_permission(self, request, obj=None):
         return False

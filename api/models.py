@@ -211,6 +211,9 @@ class Face(models.Model):
     height = models.IntegerField()
     confidence = models.FloatField()
     keypoints = models.JSONField()
+    # SPEC 2.1, workers/face_quality.py; null on faces found before they existed.
+    pose = models.JSONField(null=True, blank=True)
+    quality = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["image", "index"]

@@ -51,10 +51,41 @@ class Keypoints(serializers.Serializer):
     right_ear = Point(required=False, help_text="blazeface")
 
 
+def _degrees(limit, text):
+    return serializers.FloatField(min_value=-limit, max_value=limit, help_text=f"degrees, -{limit}..{limit}: {text}")
+
+
+def _unit(text):
+    return serializers.FloatField(min_value=0, max_value=1, help_text=f"0..1: {text}")
+
+
+class Pose(serializers.Serializer):
+    """Head pose, estimated from the face's keypoints with a generic 3D face."""
+
+    yaw = _degrees(90, "positive when the face is turned towards the image's right, near 0 for a frontal face; "
+                       "changes sign in a mirrored photo")
+    pitch = _degrees(90, "positive when the face looks up")
+    roll = _degrees(180, "the angle of the eye line, positive counter-clockwise (the image-right eye higher): "
+                         "turning the photo counter-clockwise by t degrees adds t; changes sign in a mirrored photo")
+
+
+class Quality(serializers.Serializer):
+    """How usable the face's pixels are, and the distance between its eyes."""
+
+    sharpness = _unit("falls as the face is blurred (Laplacian energy relative to the face's contrast, at a fixed "
+                      "face size)")
+    brightness = _unit("mean luma of the face's box; falls as the face is darkened")
+    contrast = _unit("RMS contrast: standard deviation of the face box's luma (0..0.5 in practice)")
+    ipd = serializers.FloatField(min_value=0, help_text="inter-pupillary distance: pixels between the eye centres, "
+                                                        "in the original image")
+
+
 class FaceDoc(serializers.Serializer):
     box = Box(help_text="pixels of the upright image (EXIF orientation applied)")
     confidence = serializers.FloatField()
     keypoints = Keypoints()
+    pose = Pose(allow_null=True, help_text="null on faces found before pose was computed")
+    quality = Quality(allow_null=True, help_text="null on faces found before quality was computed")
 
 
 class CallbackDoc(serializers.Serializer):

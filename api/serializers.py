@@ -119,6 +119,8 @@ class FaceSerializer(serializers.Serializer):
             # ears), in a fixed order: PostgreSQL's jsonb keeps none.
             "keypoints": {name: {"x": face.keypoints[name][0], "y": face.keypoints[name][1]}
                           for name in KEYPOINTS if name in face.keypoints},
+            "pose": face.pose,
+            "quality": face.quality,
         }
 
 

@@ -44,6 +44,7 @@ STEPS = (  # (module, function, label), in the order the task calls them
     ("workers.tasks", "_read_original", "read the original"),
     ("workers.detection", "load_upright_rgb", "decode"),
     ("workers.detection", "find_faces", "find_faces"),
+    ("workers.face_quality", "describe_all", "pose + quality"),
     ("workers.drawing", "annotate_image", "draw + encode"),
     ("api.storage", "put", "store the annotated image"),
     ("workers.pipeline", "finish", "finish (faces + done, one transaction)"),
@@ -86,7 +87,7 @@ def run(args):
     import django
 
     django.setup()
-    from api.models import Client
+    from api.models import Client, Image
     from api.uploads import inspect_image
     from bench.ingest_profile import TIMERS, wrap
     from workers import pipeline, tasks
@@ -98,6 +99,8 @@ def run(args):
     client, _key = Client.create_with_credentials("bench-detect-task")
     photos = [(PHOTOS / name).read_bytes() for name in photo_names()]
 
+    faces = [0]
+
     def one_pass():
         ids = [pipeline.submit(client, {}, data=data, inspected=inspect_image(data))[0].pk for data in photos]
         TIMERS.enabled = True
@@ -108,10 +111,12 @@ def run(args):
             finally:
                 TIMERS.exit()
         TIMERS.enabled = False
+        faces[0] += sum(Image.objects.get(pk=image_id).face_count for image_id in ids)
         return len(ids)
 
     one_pass()  # warm-up: the engine's first calls, the connection
     TIMERS.acc.clear()
+    faces[0] = 0
     count = sum(one_pass() for _ in range(args.passes))
 
     labels = [label for _m, _n, label in STEPS] + [REST]
@@ -125,6 +130,9 @@ def run(args):
     ceiling = per_photo["decode"][0] + per_photo["find_faces"][0]
     print(f"\nceiling share: (decode + find_faces) / task = {ceiling:.1f} / {task_wall:.1f} = {ceiling / task_wall:.2f}"
           " (the most a detection core can deliver of the ceiling through this task, before Celery's transport)")
+    described = TIMERS.acc["pose + quality"]
+    print(f"pose + quality: {described[1] / max(faces[0], 1) * 1000:.2f} ms CPU per face ({faces[0]} faces,"
+          f" {described[0] / max(faces[0], 1) * 1000:.2f} ms wall)")
     print(f"waiting: wall - CPU = {task_wall - task_cpu:.1f} ms = {(task_wall - task_cpu) / task_wall:.1%} of the task"
           " (its core idle, unless another process fills it)")
 

@@ -52,6 +52,17 @@ def test_the_detail_page_shows_faces_attempts_and_a_preview(operator, done_image
     assert "0.99" in html
 
 
+def test_the_face_inline_shows_pose_and_quality_columns(operator, done_image):
+    Face.objects.create(image=done_image, index=1, x=5, y=6, width=70, height=80, confidence=0.97, keypoints={},
+                        pose={"yaw": -12.5, "pitch": 3.25, "roll": 7.75},
+                        quality={"sharpness": 0.625, "brightness": 0.4375, "contrast": 0.1875, "ipd": 31.5})
+    html = operator.get(f"/admin/api/image/{done_image.pk}/change/").content.decode()
+    for column in ("yaw", "pitch", "roll", "sharpness", "brightness", "contrast", "ipd"):
+        assert f'column-{column}' in html, column
+    for value in ("-12.5", "3.25", "7.75", "0.625", "0.4375", "0.1875", "31.5"):
+        assert f">{value}<" in html, value
+
+
 def test_the_list_shows_thumbnails_served_to_operators_only(operator, done_image, client):
     import io
 

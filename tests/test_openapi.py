@@ -65,9 +65,23 @@ def test_a_finished_image_matches_the_schema(spec, api):
 
     image = Image.objects.get(pk=upload(api).json()["id"])
     Image.objects.filter(pk=image.pk).update(status="done", face_count=1, annotated_key="annotated/x.jpg")
-    Face.objects.create(image=image, index=0, x=1, y=2, width=3, height=4, confidence=0.99,
-                        keypoints={k: [1, 2] for k in ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")})
-    conforms(spec, "Image", api.get(f"/api/v1/images/{image.pk}/").json())
+    keypoints = {k: [1, 2] for k in ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")}
+    Face.objects.create(image=image, index=0, x=1, y=2, width=3, height=4, confidence=0.99, keypoints=keypoints)
+    Face.objects.create(image=image, index=1, x=1, y=2, width=3, height=4, confidence=0.99, keypoints=keypoints,
+                        pose={"yaw": -90.0, "pitch": 12.5, "roll": 180.0},
+                        quality={"sharpness": 1.0, "brightness": 0.0, "contrast": 0.5, "ipd": 0.0})
+    body = api.get(f"/api/v1/images/{image.pk}/").json()
+    assert body["faces"][0]["pose"] is None and body["faces"][1]["pose"]["roll"] == 180.0
+    conforms(spec, "Image", body)
+
+
+def test_pose_and_quality_are_documented_with_their_ranges(spec):
+    schemas = spec["components"]["schemas"]
+    assert set(schemas["FaceDoc"]["required"]) >= {"pose", "quality"}
+    pose, quality = schemas["Pose"]["properties"], schemas["Quality"]["properties"]
+    assert [(pose[k]["minimum"], pose[k]["maximum"]) for k in ("yaw", "pitch", "roll")] == [(-90, 90), (-90, 90), (-180, 180)]
+    assert all((quality[k]["minimum"], quality[k]["maximum"]) == (0, 1) for k in ("sharpness", "brightness", "contrast"))
+    assert quality["ipd"]["minimum"] == 0
 
 
 def test_swagger_ui_is_served_without_a_cdn():

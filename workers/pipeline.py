@@ -258,7 +258,8 @@ def finish(image, token, faces, detect_ms, annotated_key):
         # The row is locked by the update until the commit: no other claim can interleave.
         Face.objects.filter(image_id=image.pk).delete()
         Face.objects.bulk_create(
-            Face(image_id=image.pk, index=index, confidence=face["confidence"], keypoints=face["keypoints"], **face["box"])
+            Face(image_id=image.pk, index=index, confidence=face["confidence"], keypoints=face["keypoints"], **face["box"],
+                 pose=face.get("pose"), quality=face.get("quality"))
             for index, face in enumerate(faces)
         )
     if image.batch_id:

@@ -16,7 +16,7 @@ from api.errors import ApiError
 from api.models import Batch, Image
 from api.uploads import inspect_image
 
-from . import detection, drawing, events, fetch, pipeline
+from . import detection, drawing, events, face_quality, fetch, pipeline
 from .pipeline import PipelineError
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ def detect_faces(self, image_id):
         raise PipelineError("undecodable_image", f"The stored image cannot be decoded: {error}") from None
     started = time.perf_counter()
     faces = detection.find_faces(upright, image.min_face_size, image.min_confidence, engine=image.engine)
+    face_quality.describe_all(upright, faces)
     detect_ms = round((time.perf_counter() - started) * 1000)
     logger.info("image %s: %d faces in %d ms", image_id, len(faces), detect_ms)
     output, output_format = drawing.annotate_image(upright, faces, image.annotation, image.format)

@@ -93,7 +93,8 @@ class Client:
             return self._request("POST", "/images/", files=files, data=fields).json()
 
     def get(self, image_id):
-        """The image resource: status, faces, timings, callback state."""
+        """The image resource: status, faces (box, confidence, keypoints, pose, quality), timings,
+        callback state."""
         return self._request("GET", _image_path(image_id)).json()
 
     def list(self, status=None, request_id=None, page=None):

@@ -68,6 +68,7 @@ def test_every_photo_ends_done_with_the_faces_a_person_counts(workers, api, inte
             assert 0 <= box["y"] and box["y"] + box["height"] <= body["height"]
             assert face["confidence"] >= DEFAULT_MIN_CONFIDENCE[engine]
             assert set(face["keypoints"]) == KEYPOINTS[engine]
+            assert set(face["pose"]) == {"yaw", "pitch", "roll"} and 0 < face["quality"]["ipd"] < box["width"]
         assert body["timings_ms"]["detect"] > 0 and body["timings_ms"]["total"] >= body["timings_ms"]["detect"]
 
         annotated = api.get(body["annotated_url"].removeprefix("http://testserver"))
@@ -84,6 +85,8 @@ def test_every_photo_ends_done_with_the_faces_a_person_counts(workers, api, inte
         assert payload["type"] == "image.done"
         assert payload["data"]["id"] == image_id
         assert payload["data"]["face_count"] == found
+        assert [(face["pose"], face["quality"]) for face in payload["data"]["faces"]] == [
+            (face["pose"], face["quality"]) for face in body["faces"]]
         assert payload["data"]["callback"]["attempts"] == 1
 
 
