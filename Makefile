@@ -43,6 +43,8 @@ db: install
 	$(BIN)/python manage.py migrate --no-input -v 0
 	$(BIN)/python manage.py collectstatic --no-input -v 0
 
+# One readable line an event on the terminal (docker compose and Kubernetes keep JSON lines).
+run: export LOG_FORMAT ?= text
 run: db
 	mkdir -p run
 	exec $(BIN)/honcho start --port $(PORT)

@@ -391,7 +391,9 @@ SPECTACULAR_SETTINGS = {
 # --- Logging ---------------------------------------------------------------------------------
 
 LOG_LEVEL = envchoice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
-LOG_FORMAT = envchoice("LOG_FORMAT", "json", ("json", "plain"))
+# json: one object a line for log collectors (docker compose, Kubernetes); text: one line a
+# person can read, what `make run` uses.
+LOG_FORMAT = envchoice("LOG_FORMAT", "json", ("json", "text"))
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -402,7 +404,7 @@ LOGGING = {
             "fmt": "%(asctime)s %(levelname)s %(name)s %(process)d %(message)s %(image_id)s %(request_id)s",
             "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
         },
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(image_id)s] %(message)s"},
+        "text": {"()": "face_detect_api.logs.TextFormatter"},
     },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["job"]}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
