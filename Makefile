@@ -14,7 +14,7 @@ export CALLBACK_ALLOWED_NETWORKS ?= 127.0.0.0/8
 
 MODELS := models/mtcnn-onnx
 
-.PHONY: run test services db install install-dev demo
+.PHONY: run test services browser db install install-dev demo
 
 $(BIN)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ install-dev: $(BIN)/.installed-dev $(MODELS)/.exported
 services:
 	bash scripts/services.sh
 
+# Chromium for tests/browser/. A failed install does not stop `make test`: the browser tests then
+# fail under CI=true and are skipped, with the reason, elsewhere.
+browser:
+	-bash scripts/browser.sh
+
 db: install
 	$(BIN)/python manage.py ensure_database
 	$(BIN)/python manage.py migrate --no-input -v 0
@@ -54,7 +59,7 @@ run: db
 demo: db
 	$(BIN)/python scripts/demo.py
 
-test: install install-dev services
+test: install install-dev services browser
 	$(BIN)/python manage.py ensure_database
 	$(BIN)/python manage.py collectstatic --no-input -v 0
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
