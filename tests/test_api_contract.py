@@ -10,6 +10,7 @@ that are not differences between schema and behaviour. Its reports (JUnit XML, t
 a few hundred cases, each request with a timeout."""
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -30,18 +31,22 @@ def test_schemathesis_finds_no_difference_between_schema_and_behaviour(live_serv
         "--checks", "all", "--phases", "examples,coverage,fuzzing,stateful",
         "--header", f"Authorization: Bearer {integrator[1]}",
         "--max-examples", str(MAX_EXAMPLES), "--request-timeout", "20", "--workers", "1",
-        "--report", "junit", "--report-dir", str(REPORTS), "--no-color",
+        "--report", "junit", "--report-junit-path", str(REPORTS / "junit.xml"), "--no-color",
     ]
     dropped = REPORTS / "dropped.txt"
     dropped.unlink(missing_ok=True)
     env = dict(os.environ, SCHEMATHESIS_HOOKS="tests.schemathesis_hooks", PYTHONPATH=str(ROOT),
                SCHEMATHESIS_DROPPED_LOG=str(dropped))
     try:
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        # Run from the reports folder: schemathesis keeps its cache of failing cases (for
+        # `st replay ID`) in .schemathesis/ of its working directory.
+        result = subprocess.run(command, cwd=REPORTS, env=env, capture_output=True, text=True, timeout=300)
     finally:
         # What the accepted submissions queued must not reach another test's worker.
         drain("detect")
         drain("callbacks")
     (REPORTS / "output.txt").write_text(result.stdout + result.stderr)
     assert result.returncode == 0, result.stdout[-15000:] + result.stderr[-3000:]
-    assert "API Links:" in result.stdout and " 0 covered" not in result.stdout
+    # The stateful phase followed the links (a run that reaches no operation through them proves little).
+    covered = re.search(r"API Links:\s+(\d+) covered", result.stdout)
+    assert covered and int(covered[1]) >= 5, result.stdout[-3000:]
