@@ -1,6 +1,7 @@
 """OpenAPI documentation of the API (drf-spectacular): the shapes the views produce by hand, the
 error body, and the callback events, so /api/schema/ describes exactly what integrators get."""
 
+import copy
 import functools
 
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
@@ -202,5 +203,5 @@ def postprocess(result, generator, request, public):
 
 
 def _without(component, field, required, description):
-    properties = {name: value for name, value in component["properties"].items() if name != field}
+    properties = {name: copy.deepcopy(value) for name, value in component["properties"].items() if name != field}
     return {"type": "object", "description": description, "properties": properties, "required": [required]}
