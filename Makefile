@@ -15,7 +15,7 @@ export CALLBACK_ALLOWED_NETWORKS ?= 127.0.0.0/8
 MODELS := models/mtcnn-onnx
 BLAZEFACE_MODELS := models/blazeface-onnx
 
-.PHONY: run test services db install install-dev demo
+.PHONY: run test services browser db install install-dev demo
 
 $(BIN)/.installed: requirements.txt requirements-nodeps.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,11 +46,18 @@ install-dev: $(BIN)/.installed-dev $(MODELS)/.exported $(BLAZEFACE_MODELS)/.expo
 services:
 	bash scripts/services.sh
 
+# Chromium for tests/browser/. A failed install does not stop `make test`: the browser tests then
+# fail under CI=true and are skipped, with the reason, elsewhere.
+browser:
+	-bash scripts/browser.sh
+
 db: install
 	$(BIN)/python manage.py ensure_database
 	$(BIN)/python manage.py migrate --no-input -v 0
 	$(BIN)/python manage.py collectstatic --no-input -v 0
 
+# One readable line an event on the terminal (docker compose and Kubernetes keep JSON lines).
+run: export LOG_FORMAT ?= text
 run: db
 	mkdir -p run
 	exec $(BIN)/honcho start --port $(PORT)
@@ -60,7 +67,7 @@ run: db
 demo: db
 	$(BIN)/python scripts/demo.py
 
-test: install install-dev services
+test: install install-dev services browser
 	$(BIN)/python manage.py ensure_database
 	$(BIN)/python manage.py collectstatic --no-input -v 0
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,6 +1,7 @@
 """OpenAPI documentation of the API (drf-spectacular): the shapes the views produce by hand, the
 error body, and the callback events, so /api/schema/ describes exactly what integrators get."""
 
+import copy
 import functools
 
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
@@ -166,7 +167,8 @@ def webhooks():
 
 LIST_FILTERS = [
     OpenApiParameter("status", str, enum=Image.Status.values, description="only images in this status"),
-    OpenApiParameter("request_id", str, description="only the image with this request_id"),
+    OpenApiParameter("request_id", {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[^\\x00-\\x1f\\x7f]*$"},
+                     description="only the image with this request_id"),
 ]
 
 
@@ -186,3 +188,56 @@ class ApiKeyScheme(OpenApiAuthenticationExtension):
     def get_security_definition(self, auto_schema):
         return {"type": "http", "scheme": "bearer",
                 "description": "Authorization: Bearer <api_key> (from `manage.py create_client`)"}
+
+
+# The photo types an upload may carry (the real type is read from the bytes).
+IMAGE_TYPES = "image/jpeg, image/png, image/webp, image/bmp"
+
+
+def postprocess(result, generator, request, public):
+    """SPECTACULAR_SETTINGS["POSTPROCESSING_HOOKS"]: what the serializers cannot say. A submission
+    names its photos one way (files or URLs); JSON bodies carry URLs only; file parts are images;
+    and links lead from a created image or batch to the operations that take its id, as an
+    integrator (or schemathesis's stateful phase) follows them."""
+    schemas = result["components"]["schemas"]
+    operations = {operation["operationId"]: operation
+                  for item in result["paths"].values() for operation in item.values() if isinstance(operation, dict)}
+
+    upload = schemas["ImageUploadRequest"]
+    upload["properties"]["image"]["minLength"] = 1  # an empty file is no photo (invalid_image)
+    upload["oneOf"] = [{"required": ["image"]}, {"required": ["image_url"]}]
+    schemas["ImageUrlUploadRequest"] = _without(upload, "image", required="image_url",
+                                                description="POST /api/v1/images/ as JSON: an image_url to fetch.")
+    batch = schemas["BatchSubmitRequest"]
+    batch["properties"]["images"]["items"]["minLength"] = 1
+    batch["anyOf"] = [{"required": [name], "properties": {name: {"minItems": 1}}} for name in ("images", "image_urls")]
+    schemas["BatchUrlSubmitRequest"] = _without(batch, "images", required="image_urls",
+                                                description="POST /api/v1/batches/ as JSON: image_urls to fetch.")
+    schemas["BatchUrlSubmitRequest"]["properties"]["image_urls"]["minItems"] = 1
+
+    for operation_id, component, files in (("v1_images_create", "ImageUrlUploadRequest", "image"),
+                                           ("v1_batches_create", "BatchUrlSubmitRequest", "images")):
+        operations[operation_id]["requestBody"]["required"] = True
+        content = operations[operation_id]["requestBody"]["content"]
+        content["application/json"]["schema"] = {"$ref": f"#/components/schemas/{component}"}
+        content["multipart/form-data"]["encoding"] = {files: {"contentType": IMAGE_TYPES}}
+
+    image_links = {
+        "GetImage": "v1_images_retrieve", "DeleteImage": "v1_images_destroy",
+        "GetOriginal": "v1_images_original_retrieve", "GetAnnotated": "v1_images_annotated_retrieve",
+    }
+    for status in ("202", "200"):
+        operations["v1_images_create"]["responses"][status]["links"] = {
+            name: {"operationId": target, "parameters": {"id": "$response.body#/id"}}
+            for name, target in image_links.items()
+        }
+    operations["v1_batches_create"]["responses"]["202"]["links"] = {
+        "GetBatch": {"operationId": "v1_batches_retrieve", "parameters": {"id": "$response.body#/id"}},
+        "GetFirstImage": {"operationId": "v1_images_retrieve", "parameters": {"id": "$response.body#/images/0/id"}},
+    }
+    return result
+
+
+def _without(component, field, required, description):
+    properties = {name: copy.deepcopy(value) for name, value in component["properties"].items() if name != field}
+    return {"type": "object", "description": description, "properties": properties, "required": [required]}

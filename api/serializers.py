@@ -1,12 +1,15 @@
 """The image resource as integrators and callbacks see it, and the upload form's validation."""
 
 import math
+import re
 import threading
 
 from django.conf import settings
+from django.core.validators import RegexValidator
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.reverse import reverse
+from rest_framework.utils import html
 
 from workers.callbacks import BlockedAddress, check_url
 from workers.detection import DEFAULT_MIN_CONFIDENCE
@@ -14,28 +17,52 @@ from workers.detection import DEFAULT_MIN_CONFIDENCE
 from . import errors, schema
 from .models import Batch, Image
 
-def _no_control_characters(value):
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        raise serializers.ValidationError("must not contain control characters")
-    return value
+# Text fields are checked as sent (no trimming): no control characters (PostgreSQL cannot even
+# store a NUL). drf-spectacular writes the pattern into the schema with ECMA anchors.
+TEXT_PATTERN = r"\A[^\x00-\x1f\x7f]*\Z"
+NO_CONTROL_CHARACTERS = RegexValidator(TEXT_PATTERN, "must not contain control characters")
+# An http(s) URL with a host, no credentials, no spaces or control characters: the schema's
+# pattern, in a syntax Python and ECMA read alike (matched whole here). check_url then refuses a
+# host that does not resolve, or resolves to an address the platform may not reach.
+HTTP_URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[^\x00-\x20\x7f/?#@]+(?:[/?#][^\x00-\x20\x7f]*)?$"
+
+
+@extend_schema_field({"type": "string", "format": "uri", "pattern": HTTP_URL_PATTERN})
+class HttpUrlField(serializers.CharField):
+    """An http(s) URL as sent; the serializers' validate_* methods check it (_checked_url)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(max_length=2000, allow_blank=False, trim_whitespace=False, validators=[NO_CONTROL_CHARACTERS],
+                         **kwargs)
 
 
 def _checked_url(value, field, code="invalid_request"):
     """An http(s) URL whose host resolves only to addresses the platform may reach."""
+    name = "the image URL" if field.startswith("image_url") else "the callback URL"
     try:
-        check_url(value)
+        if not re.fullmatch(HTTP_URL_PATTERN, value):
+            raise ValueError(f"{name} must be an http or https URL with a host, without spaces or credentials")
+        check_url(value, name)
     except (ValueError, BlockedAddress) as error:
         raise errors.ApiError(400, code, f"{field} is refused: {error}", {"field": field}) from None
     return value
 
 
 def _text(max_length):
-    return serializers.CharField(max_length=max_length, required=False, allow_blank=False,
-                                 validators=[_no_control_characters])
+    return serializers.CharField(max_length=max_length, required=False, allow_blank=False, trim_whitespace=False,
+                                 validators=[NO_CONTROL_CHARACTERS])
 
 
 class OptionsSerializer(serializers.Serializer):
     """Detection options, the same for a single image and a batch."""
+
+    def to_internal_value(self, data):
+        # DRF reads an empty form field as an omitted one; the schema, and JSON, call it blank.
+        if html.is_html_input(data):
+            blank = [name for name in self.fields if name in data and "" in data.getlist(name)]
+            if blank:
+                raise serializers.ValidationError({name: ["This field may not be blank."] for name in blank})
+        return super().to_internal_value(data)
 
     min_face_size = serializers.IntegerField(min_value=1, max_value=10000, default=20)
     min_confidence = serializers.FloatField(
@@ -65,9 +92,9 @@ class ImageUploadSerializer(OptionsSerializer):
     are inspected in the view; a URL's are inspected by the worker that fetches them."""
 
     image = serializers.FileField(required=False, allow_empty_file=True)
-    image_url = _text(2000)
+    image_url = HttpUrlField(required=False)
     request_id = _text(128)
-    callback_url = _text(2000)
+    callback_url = HttpUrlField(required=False)
 
     def validate_image_url(self, value):
         return _checked_url(value, "image_url")
@@ -84,10 +111,11 @@ class ImageUploadSerializer(OptionsSerializer):
 class BatchSubmitSerializer(OptionsSerializer):
     """POST /api/v1/batches/: several `images` (multipart parts) and/or `image_urls`."""
 
-    images = serializers.ListField(child=serializers.FileField(allow_empty_file=True), required=False)
-    image_urls = serializers.ListField(child=_text(2000), required=False)
-    callback_url = _text(2000)
-    image_callback_url = _text(2000)
+    images = serializers.ListField(child=serializers.FileField(allow_empty_file=True), required=False,
+                                   max_length=settings.MAX_BATCH_IMAGES)
+    image_urls = serializers.ListField(child=HttpUrlField(), required=False, max_length=settings.MAX_BATCH_IMAGES)
+    callback_url = HttpUrlField(required=False)
+    image_callback_url = HttpUrlField(required=False)
 
     def validate_image_urls(self, urls):
         return [_checked_url(url, "image_urls") for url in urls]

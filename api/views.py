@@ -10,6 +10,7 @@ from kombu import Connection
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
+from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -57,6 +58,11 @@ class ImageViewSet(
             queryset = queryset.filter(status=wanted)
         request_id = self.request.query_params.get("request_id")
         if request_id is not None:
+            # The same rules as the upload's field: a NUL would not even reach PostgreSQL.
+            try:
+                request_id = ImageUploadSerializer().fields["request_id"].run_validation(request_id)
+            except ValidationError as error:
+                raise errors.invalid_request(f"request_id: {error.detail[0]}", {"field": "request_id"}) from None
             queryset = queryset.filter(request_id=request_id)
         return queryset
 
@@ -112,9 +118,12 @@ class ImageViewSet(
             raise errors.service_unavailable("Storage is unavailable. Try again.") from None
 
     @extend_schema(summary="The original bytes", responses={
-        (200, "image/*"): OpenApiTypes.BINARY, 302: OpenApiResponse(description="to a presigned URL"), **schema.ERRORS})
+        (200, "image/*"): OpenApiTypes.BINARY, 302: OpenApiResponse(description="to a presigned URL"),
+        409: OpenApiResponse(schema.Error, description="not_ready: an image_url not fetched yet"), **schema.ERRORS})
     def original(self, request, pk=None):
         image = self.get_object()
+        if not image.original_key:
+            raise errors.not_ready("The image at image_url has not been fetched yet.")
         return _download(image.original_key, storage.CONTENT_TYPES[image.format])
 
     @extend_schema(summary="The annotated image (no EXIF)", responses={

@@ -308,13 +308,14 @@ MAX_UPLOAD_BYTES = envint("MAX_UPLOAD_BYTES", 20 * 1024 * 1024, minimum=1)
 MAX_IMAGE_PIXELS = envint("MAX_IMAGE_PIXELS", 50_000_000, minimum=1)
 # Smallest side MTCNN's first network can look at.
 MIN_IMAGE_SIDE = 12
-# Form fields other than files: nothing legitimate comes near this.
-DATA_UPLOAD_MAX_MEMORY_SIZE = 64 * 1024
-DATA_UPLOAD_MAX_NUMBER_FIELDS = 20
+MAX_BATCH_IMAGES = envint("MAX_BATCH_IMAGES", 50, minimum=1, maximum=1000)
+# Form fields other than files, and JSON bodies: room for a full batch of image_urls (at most
+# 2000 characters each) and the options around them; nothing legitimate comes near this.
+DATA_UPLOAD_MAX_MEMORY_SIZE = 64 * 1024 + MAX_BATCH_IMAGES * 2048
+DATA_UPLOAD_MAX_NUMBER_FIELDS = 20 + MAX_BATCH_IMAGES
 FILE_UPLOAD_MAX_MEMORY_SIZE = 4 * 1024 * 1024
 # Images submitted by URL are fetched by a worker within this many seconds, under MAX_UPLOAD_BYTES.
 FETCH_TIMEOUT = envfloat("FETCH_TIMEOUT", 20.0, minimum=1)
-MAX_BATCH_IMAGES = envint("MAX_BATCH_IMAGES", 50, minimum=1, maximum=1000)
 MAX_BATCH_BYTES = envint("MAX_BATCH_BYTES", 100 * 1024 * 1024, minimum=1)
 FILE_UPLOAD_HANDLERS = [
     "api.uploads.LimitedUploadHandler",
@@ -390,13 +391,16 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
     "WEBHOOKS": ["api.serializers.IMAGE_EVENT", "api.serializers.BATCH_EVENT"],
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "api.schema.postprocess"],
 }
 
 
 # --- Logging ---------------------------------------------------------------------------------
 
 LOG_LEVEL = envchoice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
-LOG_FORMAT = envchoice("LOG_FORMAT", "json", ("json", "plain"))
+# json: one object a line for log collectors (docker compose, Kubernetes); text: one line a
+# person can read, what `make run` uses.
+LOG_FORMAT = envchoice("LOG_FORMAT", "json", ("json", "text"))
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -407,7 +411,7 @@ LOGGING = {
             "fmt": "%(asctime)s %(levelname)s %(name)s %(process)d %(message)s %(image_id)s %(request_id)s",
             "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
         },
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(image_id)s] %(message)s"},
+        "text": {"()": "face_detect_api.logs.TextFormatter"},
     },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["job"]}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},

@@ -105,14 +105,14 @@ def test_with_no_auth_cache_a_revoked_client_is_refused_at_once(api, integrator,
 
 
 def test_another_clients_image_is_not_found_on_every_endpoint(api, client_factory):
-    image_id = upload(api).json()["id"]
+    image_id = upload(api, request_id="mine").json()["id"]
     stranger = APIClient()
     stranger.credentials(HTTP_AUTHORIZATION=f"Bearer {client_factory()[1]}")
 
     for path in ("", "original", "annotated"):
         assert_error(stranger.get(f"/api/v1/images/{image_id}/{path}"), 404, "not_found")
     assert stranger.get("/api/v1/images/").json()["count"] == 0
-    assert stranger.get("/api/v1/images/?request_id=&status=queued").json()["count"] == 0
+    assert stranger.get("/api/v1/images/?request_id=mine&status=queued").json()["count"] == 0
 
 
 def test_an_unknown_or_malformed_id_is_not_found(api):
@@ -303,3 +303,63 @@ def test_an_empty_multipart_body_is_refused(api, nothing_stored):
 def test_control_characters_are_refused_in_every_text_field(api, field, value, nothing_stored):
     error = assert_error(upload(api, **{field: value}), 400, "invalid_request")
     assert field in error["details"]["fields"]
+
+
+# --- Found by the contract tester (tests/test_api_contract.py) ---------------------------------
+
+
+@pytest.mark.parametrize("path", ["/api/v1/images/", "/api/v1/batches/"])
+@pytest.mark.parametrize("page", ["", "abc", "0", "-1", "1.5", "last", "\u0661"])
+def test_a_page_that_is_no_whole_number_from_1_is_refused_on_every_list(api, path, page):
+    error = assert_error(api.get(path, {"page": page}), 400, "invalid_request")
+    assert error["details"] == {"field": "page"}
+
+
+@pytest.mark.parametrize("path", ["/api/v1/images/", "/api/v1/batches/"])
+def test_a_page_past_the_end_is_not_found_and_page_1_is_the_first(api, path):
+    assert_error(api.get(path, {"page": "2"}), 404, "not_found")
+    assert api.get(path, {"page": "1"}).json() == api.get(path).json()
+
+
+@pytest.mark.parametrize("value", ["\x00", "a\x1fb", "x" * 129, ""])
+def test_a_malformed_request_id_filter_is_refused_not_a_server_error(api, value):
+    error = assert_error(api.get("/api/v1/images/", {"request_id": value}), 400, "invalid_request")
+    assert error["details"] == {"field": "request_id"}
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/a.jpg", "file:///etc/passwd", "example.com/a.jpg",
+                                 "http://user:pw@example.com/a.jpg", "http://exa mple.com/a.jpg", "http:///a.jpg"])
+def test_refusing_an_image_url_names_the_image_url(api, url, nothing_stored):
+    error = assert_error(api.post("/api/v1/images/", {"image_url": url}, format="json"), 400, "invalid_request")
+    assert error["details"] == {"field": "image_url"}
+    assert "the image URL" in error["message"] and "callback" not in error["message"]
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/hook", "http://user:pw@example.com/hook", "http://0/hook"])
+def test_refusing_a_callback_url_names_the_callback_url(api, url, nothing_stored):
+    error = assert_error(upload(api, callback_url=url), 400, "invalid_callback_url")
+    assert error["details"] == {"field": "callback_url"}
+    assert "callback_url is refused" in error["message"]
+
+
+@pytest.mark.parametrize("field", ["request_id", "callback_url", "min_face_size", "min_confidence", "annotation"])
+def test_an_empty_form_field_is_refused_like_a_blank_json_one(api, field, nothing_stored):
+    error = assert_error(upload(api, **{field: ""}), 400, "invalid_request")
+    assert field in error["details"]["fields"]
+
+
+def test_the_original_of_an_image_url_not_yet_fetched_is_not_ready(api):
+    created = api.post("/api/v1/images/", {"image_url": "http://127.0.0.1:9/a.jpg"}, format="json")
+    assert created.status_code == 202, created.content
+    assert_error(api.get(f"/api/v1/images/{created.json()['id']}/original"), 409, "not_ready")
+
+
+def test_a_form_batch_may_name_as_many_image_urls_as_a_batch_holds(api, settings):
+    """Django's default cap of form fields (then 20) refused a multipart batch of 30 URLs."""
+    urls = [f"http://127.0.0.1:9/{n}.jpg" for n in range(settings.MAX_BATCH_IMAGES)]
+    response = api.post("/api/v1/batches/", {"image_urls": urls, "callback_url": "http://127.0.0.1:9/hook"},
+                        format="multipart")
+    assert response.status_code == 202, response.content
+    assert response.json()["counts"]["total"] == settings.MAX_BATCH_IMAGES
+    too_many = api.post("/api/v1/batches/", {"image_urls": [*urls, urls[0]]}, format="multipart")
+    assert_error(too_many, 400, "invalid_request")

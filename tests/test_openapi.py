@@ -89,3 +89,62 @@ def test_swagger_ui_is_served_without_a_cdn():
     assert page.status_code == 200
     html = page.content.decode()
     assert "swagger-ui" in html and "cdn" not in html.lower()
+
+
+def test_url_fields_are_http_urls_in_the_schema(spec):
+    import re
+
+    from api.serializers import HTTP_URL_PATTERN
+
+    schemas = spec["components"]["schemas"]
+    fields = [schemas["ImageUploadRequest"]["properties"]["image_url"],
+              schemas["ImageUploadRequest"]["properties"]["callback_url"],
+              schemas["ImageUrlUploadRequest"]["properties"]["image_url"],
+              schemas["BatchSubmitRequest"]["properties"]["image_urls"]["items"],
+              schemas["BatchSubmitRequest"]["properties"]["callback_url"],
+              schemas["BatchSubmitRequest"]["properties"]["image_callback_url"]]
+    for field in fields:
+        assert field["type"] == "string" and field["format"] == "uri" and field["maxLength"] == 2000
+        assert field["pattern"] == HTTP_URL_PATTERN
+    pattern = re.compile(HTTP_URL_PATTERN)
+    assert pattern.fullmatch("https://example.com/hook?a=1") and pattern.fullmatch("HTTP://127.0.0.1:8000")
+    for url in ("ftp://example.com", "example.com", "http://u:p@example.com", "http://a b", "http://", "http://a\n"):
+        assert not pattern.fullmatch(url), url
+
+
+def test_a_submission_names_its_photos_one_way_and_json_carries_urls_only(spec):
+    images = spec["paths"]["/api/v1/images/"]["post"]["requestBody"]
+    batches = spec["paths"]["/api/v1/batches/"]["post"]["requestBody"]
+    assert images["required"] and batches["required"]
+    schemas = spec["components"]["schemas"]
+    assert schemas["ImageUploadRequest"]["oneOf"] == [{"required": ["image"]}, {"required": ["image_url"]}]
+    assert images["content"]["application/json"]["schema"]["$ref"].endswith("/ImageUrlUploadRequest")
+    assert "image" not in schemas["ImageUrlUploadRequest"]["properties"]
+    assert schemas["ImageUrlUploadRequest"]["required"] == ["image_url"]
+    assert batches["content"]["application/json"]["schema"]["$ref"].endswith("/BatchUrlSubmitRequest")
+    assert schemas["BatchUrlSubmitRequest"]["required"] == ["image_urls"]
+    for body, part in ((images, "image"), (batches, "images")):
+        assert body["content"]["multipart/form-data"]["encoding"][part]["contentType"].startswith("image/jpeg")
+
+
+def test_links_lead_from_a_created_image_or_batch_to_the_operations_taking_its_id(spec):
+    operations = {op["operationId"]: (path, method) for path, item in spec["paths"].items() for method, op in item.items()}
+    create_image = spec["paths"]["/api/v1/images/"]["post"]["responses"]
+    for status in ("202", "200"):
+        links = create_image[status]["links"]
+        targets = {operations[link["operationId"]] for link in links.values()}
+        assert targets == {("/api/v1/images/{id}/", "get"), ("/api/v1/images/{id}/", "delete"),
+                           ("/api/v1/images/{id}/original", "get"), ("/api/v1/images/{id}/annotated", "get")}
+        assert all(link["parameters"] == {"id": "$response.body#/id"} for link in links.values())
+    batch_links = spec["paths"]["/api/v1/batches/"]["post"]["responses"]["202"]["links"]
+    assert operations[batch_links["GetBatch"]["operationId"]] == ("/api/v1/batches/{id}/", "get")
+    assert batch_links["GetBatch"]["parameters"] == {"id": "$response.body#/id"}
+    assert operations[batch_links["GetFirstImage"]["operationId"]] == ("/api/v1/images/{id}/", "get")
+
+
+def test_list_parameters_say_what_the_lists_accept(spec):
+    for path in ("/api/v1/images/", "/api/v1/batches/"):
+        (page,) = [p for p in spec["paths"][path]["get"]["parameters"] if p["name"] == "page"]
+        assert page["schema"] == {"type": "integer", "minimum": 1}
+    (request_id,) = [p for p in spec["paths"]["/api/v1/images/"]["get"]["parameters"] if p["name"] == "request_id"]
+    assert request_id["schema"]["maxLength"] == 128 and request_id["schema"]["minLength"] == 1

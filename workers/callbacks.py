@@ -50,15 +50,16 @@ def resolve_allowed(host, port):
     return family, sockaddr
 
 
-def check_url(url):
-    """Raise BlockedAddress (or ValueError for a malformed URL) unless the URL may receive callbacks."""
+def check_url(url, name="the callback URL"):
+    """Raise BlockedAddress (or ValueError for a malformed URL) unless the URL may be reached;
+    `name` says which URL in the messages."""
     parts = urlsplit(url)
     if parts.scheme not in ALLOWED_SCHEMES:
-        raise ValueError("the callback URL must be http or https")
+        raise ValueError(f"{name} must be http or https")
     if not parts.hostname:
-        raise ValueError("the callback URL has no host")
+        raise ValueError(f"{name} has no host")
     if parts.username or parts.password:
-        raise ValueError("the callback URL must not carry credentials")
+        raise ValueError(f"{name} must not carry credentials")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         resolve_allowed(parts.hostname, port)
