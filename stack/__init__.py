@@ -8,6 +8,7 @@ PostgreSQL database (migrated, or cloned from a migrated one), and the Procfile'
 """
 
 import logging
+import re
 import shutil
 import tempfile
 import uuid
@@ -37,12 +38,13 @@ class Stack(Platform):
                  logdir=None):
         self._undo = []
         suffix = uuid.uuid4().hex[:6]
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "stack"
         env = dict(env or {})
         try:
             if storage == "s3":
                 if s3 is None:
                     s3 = self._own_s3(name)
-                self.bucket = s3.make_bucket(f"{name}-{suffix}".lower().replace("_", "-")[:63])
+                self.bucket = s3.make_bucket(f"{slug}-{suffix}")
                 env = {**s3.env(self.bucket), **env}
             else:
                 media = Path(tempfile.mkdtemp(prefix=f"face-detect-{name}-media-"))
@@ -51,11 +53,11 @@ class Stack(Platform):
                 env = {"STORAGE_BACKEND": "filesystem", "MINIO_ENDPOINT": "", "MEDIA_ROOT": str(media), **env}
             self.s3 = s3
             if broker_url is None:
-                vhost = Vhost(f"face_detect_{name}_{suffix}").create()
+                vhost = Vhost(f"face_detect_{slug}_{suffix}").create()
                 self._undo.append(vhost.delete)
                 broker_url = vhost.url
             env.setdefault("CELERY_BROKER_URL", broker_url)
-            self.database = database or Database(f"face_detect_{name}_{suffix}")
+            self.database = database or Database(f"face_detect_{slug.replace('-', '_')}_{suffix}")
             env.setdefault("DATABASE_URL", self.database.url)
             super().__init__(env, name=name, logdir=logdir)
             self._undo.append(lambda: shutil.rmtree(self.logdir, ignore_errors=True))

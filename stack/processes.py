@@ -102,7 +102,7 @@ class Platform:
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.logdir = Path(logdir or tempfile.mkdtemp(prefix=f"face-detect-{name}-"))
-        self.env = {"GUNICORN_WORKERS": "2", "WORKER_CONCURRENCY": "2", **os.environ, **env,
+        self.env = {**os.environ, "GUNICORN_WORKERS": "2", "WORKER_CONCURRENCY": "2", **env,
                     "PORT": str(self.port), "PUBLIC_BASE_URL": self.base_url}
         self.entries = procfile()
         self.procs = {}
@@ -178,6 +178,14 @@ class Platform:
             return requests.get(f"{self.base_url}/api/v1/health/", timeout=2).status_code in (200, 503)
         except requests.RequestException:
             return False
+
+    def queues(self):
+        """Every queue a Procfile worker consumes."""
+        found = []
+        for entry in self.entries:
+            argv = shlex.split(self.entries[entry])
+            found += [q for q in (_option(argv, "-Q", "--queues") or "").split(",") if q and q not in found]
+        return found
 
     # --- looking at them ---
 

@@ -30,7 +30,7 @@ def test_a_pool_process_killed_with_sigkill_mid_detection(make_stack, receiver, 
     for victim in stack.pool_children("detect"):
         os.kill(victim, signal.SIGKILL)
 
-    figures = assert_nothing_lost(db, accepted, receiver, stack.storage_endpoint, stack.bucket)
+    figures = assert_nothing_lost(db, accepted, receiver, stack.s3, stack.bucket)
     assert "WorkerLostError" in stack.log("detect")
     report(fault="SIGKILL of the pool processes mid-detection", **figures)
 
@@ -46,7 +46,7 @@ def test_the_whole_worker_killed_with_sigkill(make_stack, receiver, report):
     assert finished(db, accepted) < len(accepted)
     stack.start_detect("detect-replacement")
 
-    figures = assert_nothing_lost(db, accepted, receiver, stack.storage_endpoint, stack.bucket)
+    figures = assert_nothing_lost(db, accepted, receiver, stack.s3, stack.bucket)
     report(fault="SIGKILL of the whole worker (main process and pool), then a new worker", **figures)
 
 
@@ -64,5 +64,5 @@ def test_a_worker_stopped_with_sigterm_finishes_its_images_and_leaves_the_rest_q
     stopped_with = finished(db, accepted)
     stack.start_detect("detect-replacement")
 
-    figures = assert_nothing_lost(db, accepted, receiver, stack.storage_endpoint, stack.bucket)
+    figures = assert_nothing_lost(db, accepted, receiver, stack.s3, stack.bucket)
     report(fault=f"SIGTERM (warm shutdown) with {stopped_with} of {len(accepted)} finished, then a new worker", **figures)
