@@ -31,11 +31,12 @@ class Stack(Platform):
     storage: "s3" or "filesystem" (a temporary MEDIA_ROOT); broker_url: a broker to use instead
     of a vhost of the stack's own; database: a Database to use (created here) instead of
     `face_detect_<name>` on the local server; template: a migrated database to clone instead of
-    migrating. Everything it makes is undone by close().
+    migrating; logdir: where the process logs go and stay (default: a temporary folder,
+    removed). Everything it makes is undone by close().
     """
 
     def __init__(self, name, env=None, *, s3=None, storage="s3", broker_url=None, database=None, template=None,
-                 logdir=None):
+                 logdir=None, port=None):
         self._undo = []
         suffix = uuid.uuid4().hex[:6]
         slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "stack"
@@ -59,8 +60,9 @@ class Stack(Platform):
             env.setdefault("CELERY_BROKER_URL", broker_url)
             self.database = database or Database(f"face_detect_{slug.replace('-', '_')}_{suffix}")
             env.setdefault("DATABASE_URL", self.database.url)
-            super().__init__(env, name=name, logdir=logdir)
-            self._undo.append(lambda: shutil.rmtree(self.logdir, ignore_errors=True))
+            super().__init__(env, name=name, logdir=logdir, port=port)
+            if logdir is None:  # a log folder asked for is kept, to be read afterwards
+                self._undo.append(lambda: shutil.rmtree(self.logdir, ignore_errors=True))
             self._undo.append(self.database.drop)
             if template:
                 self.database.clone(template)

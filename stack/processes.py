@@ -80,6 +80,14 @@ def _option(argv, *names):
     return None
 
 
+def _runs_detection(argv):
+    """A Celery prefork worker consuming a `detect…` queue: each pool child loads a detector."""
+    if not argv or Path(argv[0]).name != "celery" or "worker" not in argv:
+        return False
+    pool = _option(argv, "--pool", "-P") or "prefork"
+    return pool == "prefork" and any(q.startswith("detect") for q in (_option(argv, "-Q", "--queues") or "").split(","))
+
+
 def wait_until(predicate, timeout, what, interval=0.2):
     """Poll until predicate() is truthy; TimeoutError naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -106,6 +114,7 @@ class Platform:
                     "PORT": str(self.port), "PUBLIC_BASE_URL": self.base_url}
         self.entries = procfile()
         self.procs = {}
+        self.argvs = {}
         self._ready = {}
 
     # --- starting ---
@@ -133,6 +142,7 @@ class Platform:
         schedule = _option(argv, "--schedule", "-s")
         if schedule and "beat" in argv:
             argv[argv.index(schedule)] = str(self.logdir / f"{name}-schedule")
+        self.argvs[name] = argv
         self._ready[name] = self._readiness(name, argv)
         self.spawn(name, argv)
         if wait:
@@ -152,15 +162,17 @@ class Platform:
         if program == "gunicorn":
             return self.api_answers
         if program == "celery" and "worker" in argv:
-            pool = _option(argv, "--pool", "-P") or "prefork"
-            queues = (_option(argv, "-Q", "--queues") or "").split(",")
-            if pool == "prefork" and any(q.startswith("detect") for q in queues):
+            if _runs_detection(argv):
                 marker, count = "detector ready", int(_option(argv, "--concurrency", "-c") or os.cpu_count() or 1)
             else:
                 marker, count = " ready.", 1
             before = self.log(name).count(marker)
             return lambda: self.log(name).count(marker) >= before + count
         return lambda: True
+
+    def is_detect_worker(self, name):
+        """Whether the process started as `name` is a prefork pool whose children run the detector."""
+        return _runs_detection(self.argvs.get(name, []))
 
     def wait_ready(self, name, timeout=180):
         def ready():
