@@ -203,9 +203,7 @@ class BenchStack:
 
     def log(self, process):
         """The log of a Procfile entry; "detect" stands for every detect worker's."""
-        if process == "detect":
-            return "".join(self.stack.log(name) for name in self.stack.procs if self.stack.is_detect_worker(name))
-        return self.stack.log(process)
+        return self.stack.detect_log() if process == "detect" else self.stack.log(process)
 
     def processes(self, tree=None):
         """{kind: [pid, ...]} of the running processes: gunicorn master / workers, detect parent /

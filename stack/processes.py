@@ -149,11 +149,12 @@ class Platform:
             self.wait_ready(name, timeout)
         return self.procs[name]
 
-    def start_all(self, timeout=180, **env):
-        """Every Procfile entry, started together, then waited for."""
-        for entry in self.entries:
+    def start_all(self, timeout=180, exclude=(), **env):
+        """Every Procfile entry but those in `exclude`, started together, then waited for."""
+        entries = [entry for entry in self.entries if entry not in exclude]
+        for entry in entries:
             self.start(entry, wait=False, **env)
-        for entry in self.entries:
+        for entry in entries:
             self.wait_ready(entry, timeout)
 
     def _readiness(self, name, argv):
@@ -204,6 +205,10 @@ class Platform:
     def log(self, name):
         path = self.logdir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def detect_log(self):
+        """The logs of every detect worker started, one after the other."""
+        return "".join(self.log(name) for name in self.procs if self.is_detect_worker(name))
 
     def pool_children(self, name):
         """PIDs of a prefork worker's pool processes (or a gunicorn master's workers)."""

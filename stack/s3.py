@@ -76,6 +76,9 @@ class S3Server:
             f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
             "-s3", f"-s3.port={self.port}", f"-s3.port.grpc={p['s3.grpc']}",
             f"-s3.config={self.dir / 'identities.json'}",
+            # Off: the Iceberg and Lance listeners take fixed ports (8181, 9101) a second weed on
+            # the machine would find taken, and exit.
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
             # A lone master elects itself after this; the default 10 s made every restart ~15 s.
             "-master.electionTimeout=1s", "-master.telemetry=false",
             # Small volumes: `-volume.max=0` counts them against the free disk.

@@ -204,7 +204,7 @@ def test_logs_are_json_lines_carrying_the_image_and_request_ids(workers, api):
     wait_for(lambda: Image.objects.get(pk=image_id).status == "done", timeout=60, message="done")
 
     def lines_about_the_image():
-        lines = [json.loads(line) for line in workers.log("detect").splitlines() if line.startswith("{")]
+        lines = [json.loads(line) for line in workers.detect_log().splitlines() if line.startswith("{")]
         return [line for line in lines if line.get("image_id") == image_id]
 
     lines = wait_for(lines_about_the_image, timeout=10, message="log lines naming the image")
