@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stack.resources import BIN, ROOT, die_with_parent, free_port, manage
+from stack.resources import ROOT, die_with_parent, free_port, manage
 
 STOP_GRACE = 8.0
 

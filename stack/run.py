@@ -19,17 +19,19 @@ HONCHO_STOP = 15  # honcho itself SIGKILLs its processes 5 s after passing on SI
 
 
 def local_s3(settings):
-    """The S3 server of `make run`, started, with the settings' bucket; None where storage is elsewhere."""
+    """The S3 server of `make run` (not started yet); None where storage is elsewhere."""
     if settings.STORAGE_BACKEND != "minio" or not settings.LOCAL_S3:
         return None
-    server = S3Server(settings.LOCAL_S3_DIR, port=settings.LOCAL_S3_PORT, access_key=settings.MINIO_ACCESS_KEY,
-                      secret_key=settings.MINIO_SECRET_KEY)
+    return S3Server(settings.LOCAL_S3_DIR, port=settings.LOCAL_S3_PORT, access_key=settings.MINIO_ACCESS_KEY,
+                    secret_key=settings.MINIO_SECRET_KEY)
+
+
+def start_s3(server, bucket):
     note(f"starting the S3 server (SeaweedFS) on {server.endpoint}, data in {_shown(server.dir / 'data')}, "
          f"log {_shown(server.log_path)}")
     server.start()
-    server.make_bucket(settings.MINIO_BUCKET)
-    note(f"S3 server ready, bucket {settings.MINIO_BUCKET}")
-    return server
+    server.make_bucket(bucket)
+    note(f"S3 server ready, bucket {bucket}")
 
 
 def main():
@@ -50,6 +52,8 @@ def main():
     signal.signal(signal.SIGTERM, on_signal)
     try:
         server = local_s3(settings)
+        if server is not None:
+            start_s3(server, settings.MINIO_BUCKET)
         honcho = subprocess.Popen([str(BIN / "honcho"), "start", "--port", str(settings.PORT)], cwd=ROOT)
         while honcho.poll() is None:
             try:
@@ -60,6 +64,9 @@ def main():
         return honcho.returncode if not stopping else 0
     except KeyboardInterrupt:
         return 130
+    except RuntimeError as error:  # the S3 server would not start (its port taken, say)
+        note(f"error: {error}\n(LOCAL_S3_PORT picks another port; MINIO_ENDPOINT an S3 server of your own)")
+        return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -96,14 +96,14 @@ class S3Server:
         client = self.client(retries=False)
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
+                raise RuntimeError(f"weed exited ({self.proc.returncode}):\n{self._why()}")
             try:
                 client.list_buckets()
                 return self
             except Exception as error:  # not listening, or the filer and IAM not up yet
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"weed did not answer in {timeout:g} s ({error}):\n{self.log()[-3000:]}") from None
+                    raise RuntimeError(f"weed did not answer in {timeout:g} s ({error}):\n{self._why()}") from None
                 time.sleep(0.2)
 
     def stop(self, grace=STOP_GRACE):
@@ -131,6 +131,11 @@ class S3Server:
     def kill(self):
         """Stop at once, as a crash would."""
         self.stop(grace=0)
+
+    def _why(self):
+        """weed's fatal lines (F...), else the end of its log."""
+        fatal = [line for line in self.log().splitlines() if line.startswith("F")]
+        return "\n".join(fatal[-5:]) or self.log()[-3000:]
 
     def running(self):
         return self.proc is not None and self.proc.poll() is None

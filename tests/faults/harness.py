@@ -30,7 +30,7 @@ class Stack(stack.Stack):
     def start_api(self):
         self.start("api", GUNICORN_WORKERS="2", timeout=60)
 
-    def start_detect(self, name="detect", concurrency=2):
+    def start_detect(self, name="worker", concurrency=2):
         """The Procfile's detect worker; another `name` is another node, as on another machine."""
         self.start("worker", name=name, WORKER_CONCURRENCY=str(concurrency), timeout=120)
 

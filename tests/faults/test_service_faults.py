@@ -112,7 +112,7 @@ def test_storage_down_refuses_uploads_and_workers_wait_it_out(make_stack, receiv
     private_s3.start()  # same ports, same data
 
     figures = assert_nothing_lost(db, accepted, receiver, stack.s3, stack.bucket, timeout=240)
-    assert "Retry in" in stack.log("detect")  # the workers met the outage and waited it out
+    assert "Retry in" in stack.detect_log()  # the workers met the outage and waited it out
     report(fault="S3 server killed (SIGKILL) mid-batch, restarted 4 s later (uploads refused with 503, nothing written)",
            **figures)
 
@@ -138,7 +138,7 @@ def test_postgresql_restarted_under_load(make_stack, receiver, report):
         accepted.update(stack.submit_batch(credentials, receiver, count=8, prefix="after-restart"))
 
         figures = assert_nothing_lost(db, accepted, receiver, stack.s3, stack.bucket, timeout=240)
-        assert "Retry in" in stack.log("detect")
+        assert "Retry in" in stack.detect_log()
         report(fault="PostgreSQL stopped (fast) and restarted mid-batch; 8 uploads right after the restart", **figures)
     finally:
         postgres.cleanup()
