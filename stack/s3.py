@@ -96,6 +96,7 @@ class S3Server:
         client = self.client(retries=False)
         while True:
             if self.proc.poll() is not None:
+                self.stop()  # its unix sockets stay behind otherwise
                 raise RuntimeError(f"weed exited ({self.proc.returncode}):\n{self._why()}")
             try:
                 client.list_buckets()
