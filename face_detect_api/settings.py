@@ -284,7 +284,7 @@ MINIO_ENDPOINT = envstr("MINIO_ENDPOINT", "")
 # No endpoint: the S3 server `make run` starts on this machine (SeaweedFS, stack/run.py), its data
 # and identities file (keys generated once) under run/s3/ of the checkout.
 LOCAL_S3 = not MINIO_ENDPOINT
-LOCAL_S3_DIR = BASE_DIR / "run" / "s3"
+LOCAL_S3_DIR = Path(envstr("LOCAL_S3_DIR", "") or BASE_DIR / "run" / "s3")
 LOCAL_S3_PORT = envint("LOCAL_S3_PORT", 8333, minimum=1, maximum=65535)
 STORAGE_BACKEND = envchoice("STORAGE_BACKEND", "minio", ("minio", "filesystem"))
 
