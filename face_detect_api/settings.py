@@ -3,7 +3,7 @@
 Every value comes from the environment, read once through the typed helpers below. A bad value
 stops the process at start-up with a message naming the variable. `env.env` lists every variable
 with its default; the defaults here are the ones `make run` uses, so `manage.py` run from a
-checkout with nothing set talks to the same database and broker.
+checkout with nothing set talks to the same database, broker and S3 server.
 """
 
 import ipaddress

@@ -39,8 +39,11 @@ def write_identities(path, access_key, secret_key):
                 "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600)
-    path.write_text(json.dumps({"identities": [identity]}, indent=2))
+    # Written aside and renamed: a process reading it at the same moment sees all of it or none.
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.touch(mode=0o600)
+    partial.write_text(json.dumps({"identities": [identity]}, indent=2))
+    os.replace(partial, path)
 
 
 class S3Server:
