@@ -34,8 +34,9 @@ WORKDIR /app
 COPY . .
 
 # The settings need a SECRET_KEY to load but nothing else: no database, broker or storage. The key
-# exists for this one command and is never stored in the image.
-RUN SECRET_KEY=collectstatic-only-not-a-secret python manage.py collectstatic --no-input -v 0
+# exists for this one command and is never stored in the image; STORAGE_BACKEND=filesystem keeps
+# the settings from writing keys for a local S3 server (they only do without MINIO_ENDPOINT).
+RUN SECRET_KEY=collectstatic-only-not-a-secret STORAGE_BACKEND=filesystem python manage.py collectstatic --no-input -v 0
 
 # The ONNX engine's models, exported from the mtcnn wheel's own weights (ONNX_MODEL_DIR).
 RUN python -m workers.onnx_export /app/models/mtcnn-onnx

@@ -56,15 +56,18 @@ db: install
 	$(BIN)/python manage.py migrate --no-input -v 0
 	$(BIN)/python manage.py collectstatic --no-input -v 0
 
+# With no MINIO_ENDPOINT, stack.run starts the local S3 server (SeaweedFS, data in run/s3/) and
+# creates the bucket, then runs the Procfile under honcho; Ctrl-C or SIGTERM stops all of it.
 # One readable line an event on the terminal (docker compose and Kubernetes keep JSON lines).
 run: export LOG_FORMAT ?= text
 run: db
 	mkdir -p run
-	exec $(BIN)/honcho start --port $(PORT)
+	exec $(BIN)/python -m stack.run
 
-# Starts the platform in the background, submits the photos of demo/ with a local callback
-# receiver, prints what came back, writes the annotated images to demo-output/, stops everything.
-demo: db
+# Starts the platform in the background on an S3 server, database and vhost of its own, submits
+# the photos of demo/ with a local callback receiver, prints what came back, writes the annotated
+# images to demo-output/, stops and removes everything.
+demo: install
 	$(BIN)/python scripts/demo.py
 
 test: install install-dev services browser

@@ -52,7 +52,17 @@ class OverwritingMinioStorage(MinioMediaStorage):
             access_key=settings.MINIO_ACCESS_KEY,
             secret_key=settings.MINIO_SECRET_KEY,
             secure=settings.MINIO_SECURE,
+            region=settings.MINIO_REGION,
             http_client=http,
+        )
+        # Presigned URLs are signed for the host clients reach (MINIO_PUBLIC_ENDPOINT); with the
+        # region given, signing one is local work: this client never sends a request.
+        self.public_client = minio.Minio(
+            settings.MINIO_PUBLIC_ENDPOINT,
+            access_key=settings.MINIO_ACCESS_KEY,
+            secret_key=settings.MINIO_SECRET_KEY,
+            secure=settings.MINIO_PUBLIC_SECURE,
+            region=settings.MINIO_REGION,
         )
         super().__init__(
             minio_client=client,
@@ -162,11 +172,12 @@ def exists(key):
 
 
 def presigned_url(key):
-    """A short-lived URL for the object, or None where the backend cannot make one."""
+    """A short-lived URL for the object at the public endpoint, or None where the backend cannot
+    make one."""
     if not _is_minio():
         return None
     backend = _storage.get()
-    return backend.client.presigned_get_object(
+    return backend.public_client.presigned_get_object(
         backend.bucket_name, key, expires=datetime.timedelta(seconds=settings.PRESIGNED_URL_SECONDS)
     )
 

@@ -6,9 +6,9 @@ Run from the repository root:  .venv/bin/python -m bench.detect_task [--passes 3
 
 The photos of tests/photos/ are submitted through `pipeline.submit` (stored, rows written, nothing
 published) to a database of the run's own (`face_detect_bench_task_<pid>`, dropped at the end)
-and filesystem storage in a temporary directory (`--storage s3`: a bucket on moto's S3 server in a
-process of its own, the real protocol over HTTP as MinIO speaks it; there is no MinIO binary here,
-and moto, in Python, is slower than MinIO), then each is run through `detect_faces.apply()`:
+and filesystem storage in a temporary directory (`--storage s3`: a bucket on a SeaweedFS S3 server
+of the run's own, stack.S3Server: the real protocol over HTTP with signatures checked, as MinIO
+speaks it), then each is run through `detect_faces.apply()`:
 the task's own code in this process, without Celery's transport (broker, prefork pipe, ack).
 Every step the task calls is wrapped by bench.ingest_profile's exclusive timers (wall and this
 thread's CPU, ms per photo); the task's own row is what the steps inside it do not take.
@@ -26,18 +26,9 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from pathlib import Path
 
-from bench.stack import (
-    PHOTOS,
-    Cleanup,
-    drop_database,
-    install_signal_handlers,
-    photo_names,
-    s3_bucket_env,
-    start_moto,
-    table,
-)
+from bench.stack import PHOTOS, Cleanup, install_signal_handlers, photo_names, start_s3, table
+from stack import Database
 
 STEPS = (  # (module, function, label), in the order the task calls them
     ("workers.pipeline", "claim", "claim (UPDATE, SELECT)"),
@@ -71,9 +62,9 @@ def main():
     })
     try:
         if args.storage == "s3":
-            _moto, endpoint = start_moto(Path(media), cleanup)
-            os.environ.update(s3_bucket_env(endpoint, "bench-detect-task"))
-        cleanup.add("database", lambda: drop_database(db_name))
+            s3 = start_s3(cleanup)
+            os.environ.update(s3.env(s3.make_bucket("bench-detect-task")))
+        cleanup.add("database", Database(db_name).drop)
         for command in (["ensure_database"], ["migrate", "--no-input", "-v", "0"]):
             subprocess.run([sys.executable, "manage.py", *command], check=True, capture_output=True, timeout=120)
         run(args)

@@ -10,8 +10,8 @@ What it builds (all of it its own, all of it removed at the end)
   - a PostgreSQL database `face_detect_bench_<pid>` (`manage.py ensure_database` + `migrate`),
   - a RabbitMQ vhost per variant, `face_detect_bench_<pid>_<variant>`, with nothing consuming it,
     so every confirmed message stays there to be counted,
-  - a temporary MEDIA_ROOT per variant (STORAGE_BACKEND=filesystem), or with `--storage s3` a moto
-    S3 server (`moto.server.ThreadedMotoServer`, in a subprocess) with one bucket per variant,
+  - a temporary MEDIA_ROOT per variant (STORAGE_BACKEND=filesystem), or with `--storage s3` a
+    SeaweedFS S3 server (stack.S3Server, signatures checked) with one bucket per variant,
   - Redis database 13 for the rate-limit cache (THROTTLE_RATE=1000000/s: never limits),
   - one client per variant (`manage.py create_client`),
   - one gunicorn per variant, `--workers 4 --no-control-socket` (sync workers), on a free port;
@@ -45,7 +45,7 @@ Load
 Measured per phase
   req/s, p50/p90/p99/max latency, 2xx, non-2xx, socket errors; CPU milliseconds per request of
   each process group (this gunicorn, PostgreSQL backends of the bench database, PostgreSQL's own
-  background processes, RabbitMQ, Redis, the load generator, moto) from /proc, and "foreign" cores:
+  background processes, RabbitMQ, Redis, the load generator, the S3 server) from /proc, and "foreign" cores:
   CPU used during the phase by everything else (other people's tests). `load1` is /proc/loadavg
   before the phase (it includes the benchmark's own previous phase). A phase with more than 0.25
   foreign cores is re-run once when the time budget (--budget) allows; the summary uses the clean
@@ -78,21 +78,19 @@ import time
 from pathlib import Path
 
 from bench.stack import (
-    S3_KEYS,
     Cleanup,
     all_pids,
     children_map,
-    drop_database,
     free_port,
     install_signal_handlers,
     listener_pid,
     log,
     machine_busy_ticks,
-    minio_client,
     read_stat,
-    start_moto,
+    start_s3,
     stop_process_group,
 )
+from stack import Database, Vhost
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -103,7 +101,6 @@ REDIS_DB = 13
 THROTTLE_RATE = "1000000/s"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 FOREIGN_LIMIT = 0.25  # cores used by other people's processes during a phase before it counts as noisy
-RABBIT_ENV = {"ERL_EPMD_ADDRESS": "127.0.0.1"}
 
 
 def load1():
@@ -184,7 +181,7 @@ class CpuMeter:
 
     def __init__(self, db_name, own_pids):
         self.db_name = db_name
-        self.own_pids = own_pids  # name -> set of pids (servers, moto, bench)
+        self.own_pids = own_pids  # name -> set of pids (servers, the S3 server, bench)
         self.pg_main = listener_pid(5432, {"postgres"})
         self.rabbit_main = listener_pid(5672, {"beam.smp"})
         self.redis_main = listener_pid(6379, {"redis-server"})
@@ -558,7 +555,7 @@ def flush_throttle_keys():
 
 # --- Reporting -------------------------------------------------------------------------------
 
-GROUPS = ("api", "pg", "pg_aux", "rabbit", "redis", "client", "kernel", "moto")
+GROUPS = ("api", "pg", "pg_aux", "rabbit", "redis", "client", "kernel", "s3")
 
 
 def fmt_row(cells, widths):
@@ -692,18 +689,14 @@ def _main(args, variants, cleanup, started):
     print("images: " + ", ".join(f"{name} {len(data) / 1024:.0f} KB" for name, data in images))
     client = (WrkClient if use_wrk else PythonClient)(workdir, bodies)
 
-    rabbit_env = {**os.environ, **RABBIT_ENV}
     for vhost in vhosts.values():
-        run(["rabbitmqctl", "add_vhost", vhost], env=rabbit_env, timeout=60)
-        cleanup.add(f"vhost {vhost}", lambda vhost=vhost: run(["rabbitmqctl", "delete_vhost", vhost], env=rabbit_env, timeout=60))
-        run(["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], env=rabbit_env, timeout=60)
+        cleanup.add(f"vhost {vhost}", Vhost(vhost).create().delete)
 
     own_pids = {"bench": {os.getpid()}}
-    endpoint = ""
+    s3 = None
     if args.storage == "s3":
-        moto_proc, endpoint = start_moto(workdir, cleanup)
-        own_pids["moto"] = {moto_proc.pid}
-        s3 = minio_client(endpoint)
+        s3 = start_s3(cleanup)
+        own_pids["s3"] = {s3.proc.pid}
         for variant in variants:
             s3.make_bucket(bench_name(variant))
 
@@ -716,15 +709,13 @@ def _main(args, variants, cleanup, started):
         "CELERY_RESULT_BACKEND": f"redis://127.0.0.1:6379/{REDIS_DB}",
         "REDIS_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
         "THROTTLE_RATE": THROTTLE_RATE,
-        "STORAGE_BACKEND": "minio" if args.storage == "s3" else "filesystem",
-        "MINIO_ENDPOINT": endpoint,
-        **S3_KEYS,
+        **(s3.env("unset") if s3 else {"STORAGE_BACKEND": "filesystem", "MINIO_ENDPOINT": ""}),
         "MEDIA_ROOT": str(workdir / "media-unused"),
         "PYTHONDONTWRITEBYTECODE": "1",
     })
 
     log(f"creating database {db_name}")
-    cleanup.add("database", lambda: drop_database(db_name))
+    cleanup.add("database", Database(db_name).drop)
     run([sys.executable, "manage.py", "ensure_database"], env=base_env, timeout=60)
     run([sys.executable, "manage.py", "migrate", "--no-input", "-v", "0"], env=base_env, timeout=120)
     cleanup.add("throttle keys", flush_throttle_keys)
@@ -739,7 +730,7 @@ def _main(args, variants, cleanup, started):
         media.mkdir()
         env["MEDIA_ROOT"] = str(media)
         env["MINIO_BUCKET"] = name
-        targets[variant] = (minio_client(endpoint), name) if args.storage == "s3" else media
+        targets[variant] = (s3.client(), name) if s3 else media
         if kind == "baseline":
             env.update({"PLAIN_BROKER_URL": broker_urls[variant], "PLAIN_QUEUE": "plain_detect",
                         "PLAIN_CLIENT_ID": str(client_id(database_url, name))})
@@ -803,7 +794,7 @@ def _main(args, variants, cleanup, started):
     print()
     print(f"Per phase (load generator: {client.name}; CPU columns are milliseconds of CPU per completed request; "
           f"'kernel' = kernel threads (writeback, journal, partly ours); 'foreign' = cores used by other people's processes during the phase)")
-    print_phase_table(phases, GROUPS if args.storage == "s3" else [g for g in GROUPS if g != "moto"])
+    print_phase_table(phases, GROUPS if args.storage == "s3" else [g for g in GROUPS if g != "s3"])
 
     summary = summarize(phases, variants)
     print()

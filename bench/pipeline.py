@@ -44,12 +44,12 @@ Split (--split): services off the detection core, as in production
             other core), which is how workers are deployed (docs/scaling.md).
 
 Storage (--storage s3): the originals and annotated images in S3 instead of the filesystem
-            One moto S3 server (a process of this script's, on the other cores with --split; its
-            CPU is the "storage" group) with a bucket per stack, STORAGE_BACKEND=minio: the
-            workers read and write every image over the S3 protocol, as against MinIO in
-            production. moto, in Python, answers more slowly than MinIO; the detect task's waits
-            on it show what a second process per core can fill (bench.detect_task --storage s3
-            times them step by step).
+            One SeaweedFS S3 server (stack.S3Server, a process of this script's, on the other
+            cores with --split; its CPU is the "storage" group) with a bucket per stack,
+            STORAGE_BACKEND=minio: the workers read and write every image over the S3 protocol,
+            signatures checked, as against MinIO in production; the detect task's waits on it
+            show what a second process per core can fill (bench.detect_task --storage s3 times
+            them step by step).
 
 Submission (how the queue is kept fed), one turn each
   burst     all submissions of the turn are uploaded up front by 4 client threads; the queue holds
@@ -123,8 +123,7 @@ from bench.stack import (
     photo_names,
     run_benchmark,
     run_clients,
-    s3_bucket_env,
-    start_moto,
+    start_s3,
     stop_process_group,
     submit,
     table,
@@ -457,7 +456,7 @@ def main():
     parser.add_argument("--split", action="store_true",
                         help="detection alone on the last core, everything else on the others")
     parser.add_argument("--storage", choices=("filesystem", "s3"), default="filesystem",
-                        help="where the stacks keep images: a directory, or S3 on a moto server (default filesystem)")
+                        help="where the stacks keep images: a directory, or a bucket each on one SeaweedFS S3 server (default filesystem)")
     parser.add_argument("--ceiling-worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--components", action="store_true", help=argparse.SUPPRESS)
@@ -485,12 +484,10 @@ def run(args, cleanup, began, up_before):
     cleanup.add("receiver", receiver.close)
     submitter = Submitter(receiver, photos)
 
-    storage_pids, endpoint = set(), None
+    storage_pids, s3 = set(), None
     if args.storage == "s3":
-        workdir = Path(tempfile.mkdtemp(prefix="face-detect-bench-s3-"))
-        cleanup.add("moto's directory", lambda: shutil.rmtree(workdir, ignore_errors=True))
-        moto, endpoint = start_moto(workdir, cleanup)
-        storage_pids = {moto.pid}
+        s3 = start_s3(cleanup)
+        storage_pids = {s3.proc.pid}
 
     # Stacks: the first database is migrated, the others are cloned from it before anything connects.
     stacks, template = {}, None
@@ -503,9 +500,7 @@ def run(args, cleanup, began, up_before):
         for c in concurrencies:
             name = f"{engine[:4]}c{c}"
             log(f"creating stack {name}")
-            if endpoint is not None:
-                env = {**env, **s3_bucket_env(endpoint, f"bench-{name}")}
-            stacks[(engine, c)] = BenchStack(name, tag, cleanup, env=env, template_db=template,
+            stacks[(engine, c)] = BenchStack(name, tag, cleanup, env=env, template_db=template, s3=s3,
                                              api_workers=args.api_workers, concurrency=c)
             template = template or stacks[(engine, c)].db_name
     ceilings = {}

@@ -1,15 +1,11 @@
 """Shared pieces of bench.pipeline and bench.memory: the whole platform as real processes on
 resources of the benchmark's own, a timed callback receiver, and CPU / RSS accounting from /proc.
 
-What a `BenchStack` owns (all removed again by `Cleanup.run`, also on Ctrl-C / SIGTERM / SIGHUP):
-  - a RabbitMQ vhost `face_detect_bench_<tag>` on the local server (rabbitmqctl with
-    ERL_EPMD_ADDRESS=127.0.0.1), deleted at the end,
-  - a PostgreSQL database `face_detect_bench_<tag>` (migrated once, later ones cloned from it with
-    CREATE DATABASE ... TEMPLATE), dropped at the end,
-  - a temporary MEDIA_ROOT (STORAGE_BACKEND=filesystem) and the harness's log directory,
-  - the Procfile's four processes (gunicorn, detect worker, callbacks worker, beat) started by
-    tests.faults.harness.Stack exactly as `make run` starts them, each in its own process group,
-    killed (SIGTERM, then SIGKILL) at the end.
+A `BenchStack` is a `stack.Stack` (the module `make run`, the demo and the fault tests share):
+a RabbitMQ vhost, a PostgreSQL database (migrated once, later ones cloned from it with CREATE
+DATABASE ... TEMPLATE), a temporary MEDIA_ROOT or a bucket on the benchmark's SeaweedFS S3
+server (`start_s3`), and every process of the Procfile as `make run` starts it, each in its own
+process group; all of it stopped and removed by `Cleanup.run`, also on Ctrl-C / SIGTERM / SIGHUP.
 Redis database 12 holds the rate-limit cache (THROTTLE_RATE=1000000/s: never limits; its keys
 expire within a second) and the (unused) result backend.
 """
@@ -19,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,12 +22,13 @@ import threading
 import time
 from pathlib import Path
 
+from stack import S3Server, Stack, free_port, stop_process_group  # noqa: F401 (free_port, stop_process_group: for bench.*)
+
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT / "tests" / "photos"
 BIN = ROOT / ".venv" / "bin"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 REDIS_DB = 12
-RABBIT_ENV = {"ERL_EPMD_ADDRESS": "127.0.0.1"}
 OTHER_LOAD_LIMIT = 0.25  # cores used by other people's processes during a turn before it counts as noisy
 
 
@@ -113,35 +109,6 @@ def install_signal_handlers():
     signal.signal(signal.SIGHUP, _raise_exit)
 
 
-def run_cmd(argv, env=None, timeout=60, check=True):
-    result = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, argv))} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
-    return result
-
-
-def stop_process_group(proc, grace=8):
-    """SIGTERM the process group we started (start_new_session), wait, then SIGKILL it."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    # Pool children or gunicorn workers may outlive their parent: kill whatever is left in the group.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-
-
 class PipeWorker:
     """A subprocess spoken to in JSON lines over its stdin and stdout; its stderr is kept to say
     why, should it exit."""
@@ -176,145 +143,49 @@ def run_clients(client, count, deadline, errors):
         raise errors[0]
 
 
-# --- Shared resources: vhost, databases ----------------------------------------------------------
+# --- The stack: the shared `stack` module, with the benchmark's environment -----------------------
 
 
-class Vhost:
-    def __init__(self, name):
-        self.name = name
-        self.url = f"amqp://guest:guest@127.0.0.1:5672/{name}"
-        self.env = {**os.environ, **RABBIT_ENV}
-
-    def create(self, cleanup):
-        run_cmd(["rabbitmqctl", "add_vhost", self.name], env=self.env, timeout=60)
-        cleanup.add(f"vhost {self.name}", self.delete)
-        run_cmd(["rabbitmqctl", "set_permissions", "-p", self.name, "guest", ".*", ".*", ".*"], env=self.env, timeout=60)
-
-    def delete(self):
-        run_cmd(["rabbitmqctl", "delete_vhost", self.name], env=self.env, timeout=60, check=False)
+def start_s3(cleanup):
+    """One SeaweedFS S3 server (stack.S3Server) in a temporary directory, stopped by `cleanup`;
+    the stacks each put a bucket of their own on it."""
+    directory = Path(tempfile.mkdtemp(prefix="face-detect-bench-s3-"))
+    cleanup.add("S3 server's directory", lambda: shutil.rmtree(directory, ignore_errors=True))
+    server = S3Server(directory)
+    cleanup.add("S3 server", server.stop)
+    log(f"starting the S3 server (SeaweedFS) on {server.endpoint}")
+    return server.start()
 
 
-def _pg(sql, dbname="postgres"):
-    import psycopg
-
-    with psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname=dbname, autocommit=True,
-                         connect_timeout=10) as conn:
-        return conn.execute(sql)
-
-
-def drop_database(name):
-    _pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def clone_database(template, name):
-    drop_database(name)
-    _pg(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-
-
-# --- S3: moto's server, which speaks the real protocol (no MinIO binary here) ---------------------
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_moto(workdir, cleanup):
-    port = free_port()
-    code = (
-        "import signal, threading\n"
-        "from moto.server import ThreadedMotoServer\n"
-        f"server = ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False)\n"
-        "server.start()\n"
-        "stop = threading.Event()\n"
-        "signal.signal(signal.SIGTERM, lambda *a: stop.set())\n"
-        "stop.wait()\n"
-        "server.stop()\n"
-    )
-    log_file = open(workdir / "moto.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=workdir, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    cleanup.add("moto", lambda: (stop_process_group(proc), log_file.close()))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return proc, f"127.0.0.1:{port}"
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.2)
-    raise RuntimeError("moto did not start: " + (workdir / "moto.log").read_text()[-2000:])
-
-
-S3_KEYS = {"MINIO_ACCESS_KEY": "bench", "MINIO_SECRET_KEY": "bench-secret"}  # moto takes any
-
-
-def minio_client(endpoint):
-    import minio
-
-    return minio.Minio(endpoint, access_key=S3_KEYS["MINIO_ACCESS_KEY"], secret_key=S3_KEYS["MINIO_SECRET_KEY"],
-                       secure=False)
-
-
-def s3_bucket_env(endpoint, bucket):
-    """Make `bucket` on the moto server at `endpoint`; returns the platform's environment for it."""
-    minio_client(endpoint).make_bucket(bucket)
-    return {"STORAGE_BACKEND": "minio", "MINIO_ENDPOINT": endpoint, **S3_KEYS, "MINIO_BUCKET": bucket}
-
-
-# --- The stack --------------------------------------------------------------------------------
-
-
-def base_env(vhost_url, database_url, media_root):
-    """The platform's environment for a benchmark stack: its own database, vhost and media root,
-    platform defaults for everything the test environment (tests/testenv.py) would override."""
-    return {
-        "DATABASE_URL": database_url,
-        "CELERY_BROKER_URL": vhost_url,
-        "CELERY_RESULT_BACKEND": f"redis://127.0.0.1:6379/{REDIS_DB}",
-        "REDIS_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
-        "STORAGE_BACKEND": "filesystem",
-        "MINIO_ENDPOINT": "",
-        "MEDIA_ROOT": str(media_root),
-        "CALLBACK_ALLOWED_NETWORKS": "127.0.0.1/32",
-        "THROTTLE_RATE": "1000000/s",
-        # platform defaults (tests/testenv.py shortens these)
-        "CALLBACK_RETRY_DELAYS": "5,30,120,600,1800,3600,10800,21600",
-        "CALLBACK_TIMEOUT": "10",
-        "CALLBACK_DISPATCH_INTERVAL": "1",
-        "DEBUG": "false",
-        "LOG_LEVEL": "INFO",
-        "SECRET_KEY": "bench-not-a-secret-0123456789abcdefghijklmnopqrstuvwxyz",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    }
+# Platform defaults for everything the test environment (tests/testenv.py) would override.
+BENCH_ENV = {
+    "CELERY_RESULT_BACKEND": f"redis://127.0.0.1:6379/{REDIS_DB}",
+    "REDIS_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
+    "CALLBACK_ALLOWED_NETWORKS": "127.0.0.1/32",
+    "THROTTLE_RATE": "1000000/s",
+    "CALLBACK_RETRY_DELAYS": "5,30,120,600,1800,3600,10800,21600",
+    "CALLBACK_TIMEOUT": "10",
+    "CALLBACK_DISPATCH_INTERVAL": "1",
+    "DEBUG": "false",
+    "LOG_LEVEL": "INFO",
+    "SECRET_KEY": "bench-not-a-secret-0123456789abcdefghijklmnopqrstuvwxyz",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
 
 
 class BenchStack:
-    """One platform instance: the Procfile's processes on a vhost, database and media root of its own."""
+    """One platform instance (stack.Stack: every Procfile process, on a database, vhost and
+    bucket or media root of its own), removed again by `cleanup`. `s3`: the S3 server to keep
+    images on (stack.S3Server), else a temporary directory."""
 
-    def __init__(self, name, tag, cleanup, env=None, template_db=None, api_workers=4, concurrency=2):
-        from tests.faults.harness import Database, Stack
-
+    def __init__(self, name, tag, cleanup, env=None, template_db=None, api_workers=4, concurrency=2, s3=None):
         self.name = name
         self.concurrency = concurrency
         self.api_workers = api_workers
-        self.cleanup = cleanup
-        self.vhost = Vhost(f"face_detect_bench_{tag}_{name}")
-        self.vhost.create(cleanup)
-        self.db_name = f"face_detect_bench_{tag}_{name}"
-        self.database = Database(self.db_name)
-        self.media_root = Path(tempfile.mkdtemp(prefix=f"face-detect-bench-{name}-"))
-        cleanup.add(f"media root {name}", lambda: shutil.rmtree(self.media_root, ignore_errors=True))
-        stack_env = {**base_env(self.vhost.url, self.database.url, self.media_root), **(env or {})}
-        self.stack = Stack(f"bench-{name}", stack_env)
-        cleanup.add(f"logs {name}", lambda: shutil.rmtree(self.stack.logdir, ignore_errors=True))
-        cleanup.add(f"database {self.db_name}", lambda: drop_database(self.db_name))
-        if template_db:
-            clone_database(template_db, self.db_name)
-        else:
-            self.database.create(self.stack)  # ensure_database + migrate
-        cleanup.add(f"processes {name}", self.stop)
+        self.stack = Stack(f"bench-{tag}-{name}", {**BENCH_ENV, **(env or {})}, s3=s3,
+                           storage="s3" if s3 else "filesystem", template=template_db)
+        cleanup.add(f"stack {name}", self.stack.close)
+        self.db_name = self.stack.database.name
         self.credentials = None
 
     @property
@@ -322,32 +193,21 @@ class BenchStack:
         return self.stack.base_url
 
     def start(self):
-        """gunicorn, the detect worker (waits for every pool child's "detector ready"), callbacks, beat."""
-        s = self.stack
-        s._spawn("api", s.procfile("api", GUNICORN_WORKERS=str(self.api_workers)))
-        s._spawn("detect", s.procfile("worker", WORKER_CONCURRENCY=str(self.concurrency)))
-        s._spawn("callbacks", s.procfile("callbacks"))
-        beat = s.procfile("beat")
-        beat[beat.index("run/celerybeat-schedule")] = str(s.logdir / "beat-schedule")
-        s._spawn("beat", beat)
-        from tests.conftest import wait_for
-
-        wait_for(s._api_answers, timeout=90, message=f"the API of {self.name}")
-        s._wait_log("detect", "detector ready", self.concurrency, timeout=180)
-        s._wait_log("callbacks", " ready.", 1, timeout=90)
-        self.credentials = s.create_client()
+        """Every Procfile process, each waited for (a detect worker: every pool child's "detector ready")."""
+        self.stack.start_all(GUNICORN_WORKERS=str(self.api_workers), WORKER_CONCURRENCY=str(self.concurrency))
+        self.credentials = self.stack.create_client()
         return self
 
     def stop(self):
-        for proc in self.stack.procs.values():
-            stop_process_group(proc)
+        self.stack.stop()
 
     def log(self, process):
-        return self.stack.log(process)
+        """The log of a Procfile entry; "detect" stands for every detect worker's."""
+        return self.stack.detect_log() if process == "detect" else self.stack.log(process)
 
     def processes(self, tree=None):
         """{kind: [pid, ...]} of the running processes: gunicorn master / workers, detect parent /
-        pool children, callbacks, beat."""
+        pool children (every detect worker of the Procfile), and the others by Procfile name."""
         tree = tree if tree is not None else children_map()
         kinds = {}
         for name, proc in self.stack.procs.items():
@@ -358,9 +218,9 @@ class BenchStack:
             if name == "api":
                 kinds["gunicorn master"] = [pid]
                 kinds["gunicorn workers"] = kids
-            elif name == "detect":
-                kinds["detect parent"] = [pid]
-                kinds["detect children"] = kids
+            elif self.stack.is_detect_worker(name):
+                kinds.setdefault("detect parent", []).append(pid)
+                kinds.setdefault("detect children", []).extend(kids)
             else:
                 kinds[name] = [pid] + descendants(pid, tree)
         return kinds

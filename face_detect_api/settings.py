@@ -3,10 +3,11 @@
 Every value comes from the environment, read once through the typed helpers below. A bad value
 stops the process at start-up with a message naming the variable. `env.env` lists every variable
 with its default; the defaults here are the ones `make run` uses, so `manage.py` run from a
-checkout with nothing set talks to the same database and broker.
+checkout with nothing set talks to the same database, broker and S3 server.
 """
 
 import ipaddress
+import json
 import math
 import os
 import secrets
@@ -284,13 +285,37 @@ CELERY_BEAT_SCHEDULE = {
 # --- Storage ---------------------------------------------------------------------------------
 
 MINIO_ENDPOINT = envstr("MINIO_ENDPOINT", "")
-STORAGE_BACKEND = envchoice("STORAGE_BACKEND", "minio" if MINIO_ENDPOINT else "filesystem", ("minio", "filesystem"))
-if STORAGE_BACKEND == "minio" and not MINIO_ENDPOINT:
-    _fail("MINIO_ENDPOINT", MINIO_ENDPOINT, "host:port when STORAGE_BACKEND=minio")
-MINIO_ACCESS_KEY = envstr("MINIO_ACCESS_KEY", "minioadmin")
-MINIO_SECRET_KEY = envstr("MINIO_SECRET_KEY", "minioadmin")
+# No endpoint: the S3 server `make run` starts on this machine (SeaweedFS, stack/run.py), its data
+# and identities file (keys generated once) under run/s3/ of the checkout.
+LOCAL_S3 = not MINIO_ENDPOINT
+LOCAL_S3_DIR = Path(envstr("LOCAL_S3_DIR", "") or BASE_DIR / "run" / "s3")
+LOCAL_S3_PORT = envint("LOCAL_S3_PORT", 8333, minimum=1, maximum=65535)
+STORAGE_BACKEND = envchoice("STORAGE_BACKEND", "minio", ("minio", "filesystem"))
+
+
+def _local_s3_keys():
+    """(access key, secret key) of the local S3 server's identities file, written on first use."""
+    path = LOCAL_S3_DIR / "identities.json"
+    if not path.exists():
+        from stack.s3 import write_identities
+
+        write_identities(path, f"local-{secrets.token_hex(8)}", secrets.token_urlsafe(30))
+    credentials = json.loads(path.read_text())["identities"][0]["credentials"][0]
+    return credentials["accessKey"], credentials["secretKey"]
+
+
+_local_keys = _local_s3_keys() if LOCAL_S3 and STORAGE_BACKEND == "minio" else ("minioadmin", "minioadmin")
+if LOCAL_S3:
+    MINIO_ENDPOINT = f"127.0.0.1:{LOCAL_S3_PORT}"
+MINIO_ACCESS_KEY = envstr("MINIO_ACCESS_KEY", "") or _local_keys[0]
+MINIO_SECRET_KEY = envstr("MINIO_SECRET_KEY", "") or _local_keys[1]
 MINIO_BUCKET = envstr("MINIO_BUCKET", "face-detect")
 MINIO_SECURE = envbool("MINIO_SECURE", False)
+# Presigned URLs are for clients: built for the address they reach the S3 server at (signed for
+# that host), not the internal service name. The region is given so signing needs no request.
+MINIO_PUBLIC_ENDPOINT = envstr("MINIO_PUBLIC_ENDPOINT", "") or MINIO_ENDPOINT
+MINIO_PUBLIC_SECURE = envbool("MINIO_PUBLIC_SECURE", MINIO_SECURE)
+MINIO_REGION = envstr("MINIO_REGION", "us-east-1")
 MEDIA_ROOT = Path(envstr("MEDIA_ROOT", str(BASE_DIR / "media")))
 # Downloads stream through the API; set true to answer 302 to a presigned URL instead.
 DOWNLOAD_REDIRECT = envbool("DOWNLOAD_REDIRECT", False)

@@ -1,33 +1,29 @@
 """`make demo`: the whole platform on this machine, the photos of demo/ through it, and a table of
 what came back.
 
-Starts the stack as `make run` does (honcho and the Procfile) in the background, creates a
+Starts the platform in the background with the shared `stack` module (its own S3 server, bucket,
+database and RabbitMQ vhost, and the Procfile's processes with `make run`'s settings), creates a
 client, receives the callbacks on a local endpoint that verifies each signature as an integrator
-would, writes the annotated images to demo-output/, and stops everything it started: at the end,
-on an error, on Ctrl-C or SIGTERM. Every wait has a limit. Expects `make db` to have run.
+would, writes the annotated images to demo-output/, and stops and removes everything it started:
+at the end, on an error, on Ctrl-C or SIGTERM. Every wait has a limit.
 """
 
 import argparse
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import requests
-
 ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / ".venv" / "bin"
-sys.path.insert(0, str(ROOT / "client"))
+sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from facedetect import Client, FaceDetectError, WebhookVerificationError, verify_webhook
 
 PHOTO_TYPES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-STOP_TIMEOUT = 30
 
 
 def main():
@@ -39,9 +35,8 @@ def main():
 
     stack = receiver = None
     try:
-        stack = Stack(_port())
-        stack.start(health_timeout=args.start_timeout, workers_timeout=args.start_timeout)
-        credentials = stack.create_client()
+        stack = start_stack(_port(), args.start_timeout)
+        credentials = stack.create_client("demo")
         receiver = CallbackReceiver(credentials["webhook_secret"])
         client = Client(stack.base_url, credentials["api_key"])
         rows = run_photos(client, receiver, photos, args.out, args.timeout)
@@ -62,7 +57,8 @@ def main():
         if receiver:
             receiver.close()
         if stack:
-            stack.stop()
+            note("stopping the platform")
+            stack.close()
 
 
 def run_photos(client, receiver, photos, out_dir, timeout):
@@ -101,92 +97,40 @@ def run_photos(client, receiver, photos, out_dir, timeout):
 
 
 class StackError(Exception):
-    """The platform could not be started; the message says why and where the log is."""
+    """The platform could not be started; the message says why and where the logs are."""
 
 
-class Stack:
-    """gunicorn, the detect and callbacks workers and beat, run by honcho from the Procfile."""
+def start_stack(port, timeout):
+    """The whole platform (the shared `stack` module): its own S3 server, bucket, database and
+    vhost, and every Procfile process with `make run`'s settings, each waited for."""
+    from stack import Stack
 
-    def __init__(self, port):
-        self.port = port
-        self.base_url = f"http://127.0.0.1:{port}"
-        # What `make run` exports (the Makefile's `?=` defaults), on the port chosen here.
-        self.env = {
-            **os.environ, "PORT": str(port), "PUBLIC_BASE_URL": self.base_url,
-            "WORKER_CONCURRENCY": os.environ.get("WORKER_CONCURRENCY") or str(os.cpu_count() or 1),
-            "GUNICORN_WORKERS": os.environ.get("GUNICORN_WORKERS") or "4",
-            # The demo's callback receiver listens on this machine.
-            "CALLBACK_ALLOWED_NETWORKS": "127.0.0.0/8",
-        }
-        (ROOT / "run").mkdir(exist_ok=True)
-        self.log_path = ROOT / "run" / "demo-stack.log"
-        self.proc = None
-
-    def start(self, health_timeout, workers_timeout):
-        note(f"starting the platform on {self.base_url} (honcho + Procfile; log: {self.log_path.relative_to(ROOT)})")
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([str(BIN / "honcho"), "start", "--port", str(self.port)], cwd=ROOT,
-                                         env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        began = time.monotonic()
-        self._wait(self._healthy, health_timeout, "the API to answer /api/v1/health/ with 200")
-        note(f"API healthy after {time.monotonic() - began:.0f} s")
-        # Health does not cover the workers: wait for a detector, or the first callbacks would
-        # time TensorFlow's start-up rather than a detection.
-        self._wait(lambda: "detector ready" in self.log(), workers_timeout, "a detect worker to load its detector")
-        note(f"workers ready after {time.monotonic() - began:.0f} s")
-
-    def _healthy(self):
-        try:
-            return requests.get(f"{self.base_url}/api/v1/health/", timeout=3).status_code == 200
-        except requests.RequestException:
-            return False
-
-    def _wait(self, ready, timeout, what):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise StackError(f"the platform exited ({self.proc.returncode}) while waiting for {what}:\n"
-                                 f"{self.log()[-3000:]}")
-            if ready():
-                return
-            time.sleep(0.5)
-        raise StackError(f"gave up after {timeout:g} s waiting for {what}; see {self.log_path}:\n{self.log()[-3000:]}")
-
-    def log(self):
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def create_client(self):
-        import json
-
-        name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        try:
-            result = subprocess.run([str(BIN / "python"), "manage.py", "create_client", name], cwd=ROOT, env=self.env,
-                                    capture_output=True, text=True, timeout=120, check=False)
-        except subprocess.TimeoutExpired:
-            raise StackError("manage.py create_client did not finish in 120 s") from None
-        if result.returncode != 0:
-            raise StackError(f"manage.py create_client failed (has `make db` run?):\n{result.stderr[-2000:]}")
-        note(f"created client {name}")
-        return json.loads(result.stdout)
-
-    def stop(self):
-        """SIGTERM to honcho, which stops its processes; SIGKILL for whatever outlives the limit."""
-        if not self.proc or self.proc.poll() is not None:
-            return
-        groups = _process_groups_under(self.proc.pid)
-        note("stopping the platform")
-        self.proc.terminate()
-        try:
-            self.proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-        # honcho gives each process a session of its own; make sure none outlived it.
-        for group in groups:
-            try:
-                os.killpg(group, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+    logdir = ROOT / "run" / "demo"
+    logdir.mkdir(parents=True, exist_ok=True)
+    env = {
+        # What `make run` exports (the Makefile's `?=` defaults).
+        "WORKER_CONCURRENCY": os.environ.get("WORKER_CONCURRENCY") or str(os.cpu_count() or 1),
+        "GUNICORN_WORKERS": os.environ.get("GUNICORN_WORKERS") or "4",
+        # The demo's callback receiver listens on this machine.
+        "CALLBACK_ALLOWED_NETWORKS": "127.0.0.0/8",
+    }
+    note(f"starting the platform on http://127.0.0.1:{port}: an S3 server, a database and vhost of its own, "
+         f"the Procfile's processes (logs: {logdir.relative_to(ROOT)}/)")
+    began = time.monotonic()
+    stack = None
+    try:
+        stack = Stack("demo", env, logdir=logdir, port=port)
+        stack.start_all(timeout=timeout)
+    except (RuntimeError, TimeoutError, OSError) as error:
+        if stack is not None:
+            stack.close()
+        raise StackError(str(error)) from None
+    except BaseException:
+        if stack is not None:
+            stack.close()
+        raise
+    note(f"platform ready after {time.monotonic() - began:.0f} s")
+    return stack
 
 
 class CallbackReceiver:
@@ -271,26 +215,6 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def _process_groups_under(pid):
-    """Process groups of `pid`'s descendants (honcho starts each process in a session of its own)."""
-    groups, pending = set(), [pid]
-    while pending:
-        parent = pending.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                children = [int(child) for child in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            for child in children:
-                try:
-                    groups.add(os.getpgid(child))
-                except ProcessLookupError:
-                    continue
-                pending.append(child)
-    groups.discard(os.getpgid(0))  # never our own group
-    return groups
-
-
 def _port():
     """$PORT (default 8000), or a free port where that one is taken."""
     wanted = int(os.environ.get("PORT") or 8000)
@@ -313,7 +237,7 @@ def _arguments():
                         help="where the annotated images go (default demo-output/)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for the callbacks (default 300)")
     parser.add_argument("--start-timeout", type=float, default=240,
-                        help="seconds to wait for the API, then for the workers (default 240 each)")
+                        help="seconds to wait for each process to be ready (default 240)")
     args = parser.parse_args()
     args.out = args.out.resolve()
     return args

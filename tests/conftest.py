@@ -1,11 +1,11 @@
 """The test rig: real PostgreSQL, RabbitMQ, Redis and an S3 server speaking the real protocol.
 
-Everything a test session touches is its own: a RabbitMQ vhost, Redis databases 14-15, a fresh
-bucket on a moto S3 server started here, and pytest-django's test database. A `make run` instance
+Everything a test session touches is its own: a RabbitMQ vhost, Redis databases 14-15, an S3
+server started here (SeaweedFS, checking keys and signatures) with a fresh bucket, and
+pytest-django's test database. A `make run` instance
 on the same machine is left alone.
 """
 
-import logging
 import os
 import subprocess
 import time
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = Path(__file__).resolve().parent / "photos"
 
 
-from tests.testenv import RABBIT_VHOST, S3_PORT, TEST_DATABASE
+from tests.testenv import RABBIT_VHOST, S3_ACCESS_KEY, S3_DIR, S3_PORT, S3_SECRET_KEY, TEST_DATABASE
 
 
 def _rabbitmqctl(*args):
@@ -45,13 +45,13 @@ def rabbit_vhost():
 
 @pytest.fixture(scope="session", autouse=True)
 def s3_server():
-    """moto's S3 server on a free port: the minio client talks real HTTP to it."""
-    from moto.server import ThreadedMotoServer
+    """The session's own SeaweedFS S3 server (stack.S3Server) on the port the settings name; it
+    is stopped at the end, and dies with this process should the session be killed."""
+    from stack import S3Server
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server = S3Server(S3_DIR, port=S3_PORT, access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY)
     server.start()
-    yield f"http://127.0.0.1:{S3_PORT}"
+    yield server
     server.stop()
 
 

@@ -56,7 +56,8 @@ SECRETS = {
     "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY",
 }
 # ConfigMap values that differ from env.env's because a cluster is not the compose stack.
-CLUSTER_VALUES = {"ALLOWED_HOSTS", "PUBLIC_BASE_URL", "CSRF_TRUSTED_ORIGINS", "WORKER_CONCURRENCY"}
+CLUSTER_VALUES = {"ALLOWED_HOSTS", "PUBLIC_BASE_URL", "CSRF_TRUSTED_ORIGINS", "WORKER_CONCURRENCY",
+                  "MINIO_PUBLIC_ENDPOINT", "MINIO_PUBLIC_SECURE"}
 
 
 # --- Helpers ---------------------------------------------------------------------------------
@@ -329,6 +330,21 @@ def test_the_backing_services_use_the_credentials_of_env_env():
         environment["MINIO_SECRET_KEY"],
     )
     assert "$$MINIO_BUCKET" in services["createbucket"]["command"][0]
+
+
+def test_presigned_urls_name_an_address_clients_reach_not_the_service_name():
+    """Compose: the host:port MinIO's S3 API is published on; Kubernetes: a public host."""
+    environment = env_file()
+    public = environment["MINIO_PUBLIC_ENDPOINT"]
+    assert public != environment["MINIO_ENDPOINT"]
+    host, _, port = public.rpartition(":")
+    assert host in ("localhost", "127.0.0.1")
+    published = load_compose()["services"]["minio"]["ports"]
+    assert f"127.0.0.1:${{MINIO_PORT:-{port}}}:9000" in published
+
+    config = k8s_object("ConfigMap", "face-detect-config")["data"]
+    assert config["MINIO_PUBLIC_ENDPOINT"].partition(":")[0] not in ("minio", "localhost", "127.0.0.1")
+    assert config["MINIO_PUBLIC_SECURE"] == "true"
 
 
 # --- Dockerfile ------------------------------------------------------------------------------

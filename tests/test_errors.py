@@ -27,23 +27,21 @@ def assert_error(response, status, code):
     return body["error"]
 
 
-def stored_objects():
-    import minio
+def stored_objects(s3_server):
     from django.conf import settings
 
-    client = minio.Minio(settings.MINIO_ENDPOINT, "x", "y", secure=False)
-    if not client.bucket_exists(settings.MINIO_BUCKET):
+    if not s3_server.client().bucket_exists(settings.MINIO_BUCKET):
         return set()
-    return {obj.object_name for obj in client.list_objects(settings.MINIO_BUCKET, recursive=True)}
+    return s3_server.objects(settings.MINIO_BUCKET)
 
 
 @pytest.fixture
 def nothing_stored(s3_server):
     """Asserts after the test that no image row and no stored object were left behind."""
-    before = stored_objects()
+    before = stored_objects(s3_server)
     yield
     assert Image.objects.count() == 0
-    assert stored_objects() == before
+    assert stored_objects(s3_server) == before
 
 
 def png_declaring(width, height):

@@ -1,8 +1,13 @@
-"""Storage on both backends: exact keys, overwrite, missing objects, and an unreachable server."""
+"""Storage on both backends: exact keys, overwrite, missing objects, and an unreachable server;
+and the S3 server itself: it checks signatures and presigned-URL expiry, and presigned URLs are
+built for the public endpoint."""
 
 import pytest
+import requests
+from minio.error import S3Error
 
 from api import storage
+from tests.conftest import wait_for
 
 
 @pytest.fixture(params=["minio", "filesystem"])
@@ -63,3 +68,48 @@ def test_an_unreachable_server_is_unavailable_not_missing(settings):
                 operation()
     finally:
         storage._storage.reset()
+
+
+@pytest.fixture
+def s3(settings):
+    settings.STORAGE_BACKEND = "minio"
+    storage._storage.reset()
+    yield
+    storage._storage.reset()
+
+
+def test_a_presigned_url_names_the_public_endpoint_and_works_there(s3, settings, s3_server):
+    """Signed for the host clients use: the same URL sent to the internal address is refused."""
+    settings.MINIO_PUBLIC_ENDPOINT = f"localhost:{s3_server.port}"
+    storage._storage.reset()
+    storage.put("originals/public.jpg", b"public bytes")
+
+    url = storage.presigned_url("originals/public.jpg")
+
+    assert url.startswith(f"http://localhost:{s3_server.port}/{settings.MINIO_BUCKET}/originals/public.jpg?")
+    assert requests.get(url, timeout=10).content == b"public bytes"
+    internal = url.replace(f"localhost:{s3_server.port}", settings.MINIO_ENDPOINT)
+    assert requests.get(internal, timeout=10).status_code == 403
+
+
+def test_the_server_refuses_an_expired_presigned_url(s3, settings):
+    settings.PRESIGNED_URL_SECONDS = 1
+    storage.put("originals/short-lived.jpg", b"data")
+    url = storage.presigned_url("originals/short-lived.jpg")
+
+    def refusal():
+        response = requests.get(url, timeout=10)
+        return response.status_code == 403 and response.text
+
+    assert "expired" in wait_for(refusal, timeout=15, message="the presigned URL to be refused").lower()
+
+
+def test_the_server_refuses_a_wrong_secret(s3, settings, s3_server):
+    with pytest.raises(S3Error) as refused:
+        s3_server.client(secret_key="not-the-secret").bucket_exists(settings.MINIO_BUCKET)
+    assert refused.value.code == "SignatureDoesNotMatch"
+
+    settings.MINIO_SECRET_KEY = "not-the-secret"
+    storage._storage.reset()
+    with pytest.raises(storage.StorageUnavailable):
+        storage.put("originals/forged.jpg", b"data")

@@ -3,6 +3,7 @@ place before pytest-django imports the settings."""
 
 import atexit
 import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -21,13 +22,20 @@ def free_port():
 
 
 S3_PORT = free_port()
+# The session's S3 server (tests/conftest.py starts it) keeps its data here and checks these keys.
+S3_DIR = tempfile.mkdtemp(prefix="face-detect-s3-")
+S3_ACCESS_KEY, S3_SECRET_KEY = f"test-{secrets.token_hex(6)}", secrets.token_urlsafe(24)
 MEDIA_ROOT = tempfile.mkdtemp(prefix="face-detect-media-")
-atexit.register(shutil.rmtree, MEDIA_ROOT, ignore_errors=True)
+for _directory in (S3_DIR, MEDIA_ROOT):
+    atexit.register(shutil.rmtree, _directory, ignore_errors=True)
 
 # Read by the settings when pytest-django sets Django up, and passed on to worker processes.
 TEST_ENV = {
     "STORAGE_BACKEND": "minio",
     "MINIO_ENDPOINT": f"127.0.0.1:{S3_PORT}",
+    "MINIO_PUBLIC_ENDPOINT": "",
+    "MINIO_ACCESS_KEY": S3_ACCESS_KEY,
+    "MINIO_SECRET_KEY": S3_SECRET_KEY,
     "MINIO_BUCKET": "face-detect-test",
     "MEDIA_ROOT": MEDIA_ROOT,
     "CELERY_BROKER_URL": f"amqp://guest:guest@127.0.0.1:5672/{RABBIT_VHOST}",

@@ -94,10 +94,9 @@ def test_a_blazeface_worker_never_loads_tensorflow(workers, api):
     """A worker loads only the engines of its queues: the BlazeFace pool stays small and starts fast."""
     image_id = upload(api, "clm_cage.jpg", engine="blazeface").json()["id"]
     wait_for(lambda: finished([image_id]), timeout=60, message="the BlazeFace image")
-    parent = workers.procs["detect-blazeface"].pid
-    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    children = workers.pool_children("worker-blazeface")
     assert children
-    for pid in [parent, *children]:
+    for pid in [workers.procs["worker-blazeface"].pid, *children]:
         assert "tensorflow" not in Path(f"/proc/{pid}/maps").read_text(), pid
 
 
@@ -228,7 +227,7 @@ def test_logs_are_json_lines_carrying_the_image_and_request_ids(workers, api):
     wait_for(lambda: Image.objects.get(pk=image_id).status == "done", timeout=60, message="done")
 
     def lines_about_the_image():
-        lines = [json.loads(line) for line in workers.log("detect").splitlines() if line.startswith("{")]
+        lines = [json.loads(line) for line in workers.detect_log().splitlines() if line.startswith("{")]
         return [line for line in lines if line.get("image_id") == image_id]
 
     lines = wait_for(lines_about_the_image, timeout=10, message="log lines naming the image")

@@ -1,13 +1,13 @@
-"""Fixtures of the fault suite: a stack on its own database and bucket, storage behind a proxy
-that can be cut, and the figures each test reports for RELIABILITY.md."""
+"""Fixtures of the fault suite: a stack on its own database and bucket (on the session's S3
+server, or a private one a test may stop), and the figures each test reports for RELIABILITY.md."""
 
 import json
 import uuid
 
 import pytest
 
-from tests.faults.harness import Database, Stack, TcpProxy
-from tests.testenv import S3_PORT
+from tests.faults.harness import Database, Stack
+from tests.testenv import TEST_ENV
 
 FIGURES = []
 
@@ -24,43 +24,24 @@ RECOVERY_ENV = {
 
 
 @pytest.fixture
-def storage_proxy(s3_server):
-    proxy = TcpProxy(S3_PORT)
-    yield proxy
-    proxy.cut()
-
-
-@pytest.fixture
-def make_stack(request, storage_proxy, rabbit_vhost):
-    """make_stack(**env) -> (stack, database); everything is stopped and dropped afterwards."""
+def make_stack(request, s3_server, rabbit_vhost):
+    """make_stack(db_port=, s3=, **env) -> (stack, database): the session's vhost, a bucket on
+    the session's S3 server (or on `s3`), a database of its own (on the server at `db_port`).
+    Everything is stopped and dropped afterwards."""
     made = []
 
-    def make(db_port=5432, **env):
+    def make(db_port=5432, s3=None, **env):
         name = request.node.name.removeprefix("test_")[:40]
-        suffix = uuid.uuid4().hex[:6]
-        database = Database(f"fault_{suffix}", port=db_port)
-        bucket = f"fault-{suffix}"
-        stack = Stack(name, {
-            **RECOVERY_ENV,
-            "DATABASE_URL": database.url,
-            "MINIO_ENDPOINT": f"127.0.0.1:{storage_proxy.port}",
-            "MINIO_BUCKET": bucket,
-            **env,
-        })
-        stack.bucket = bucket
-        stack.storage_endpoint = f"127.0.0.1:{S3_PORT}"
-        made.append((stack, database))
-        database.create(stack)
+        database = Database(f"fault_{uuid.uuid4().hex[:6]}", port=db_port)
+        stack = Stack(name, {**RECOVERY_ENV, **env}, s3=s3 or s3_server, broker_url=TEST_ENV["CELERY_BROKER_URL"],
+                      database=database)
+        made.append(stack)
         stack.purge_queues()
         return stack, database
 
     yield make
-    for stack, database in made:
-        stack.stop()
-        try:
-            database.drop()
-        except Exception:
-            pass
+    for stack in made:
+        stack.close()
 
 
 @pytest.fixture

@@ -1,126 +1,44 @@
-"""The fault rig: a whole stack (gunicorn, workers, beat) as real processes on a database of its
-own, private servers that a test may stop, and the checks every fault test ends with."""
+"""The fault rig: a whole stack (the shared `stack` module: the Procfile's processes on a
+database and bucket of their own), private servers that a test may stop, and the checks every
+fault test ends with."""
 
 import itertools
 import os
-import re
-import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-import minio
-import psycopg
 import requests
 
-from tests.conftest import PHOTOS, ROOT, wait_for
-from tests.testenv import TEST_ENV, free_port
+import stack
+from stack import Database  # noqa: F401 (the fault suite's fixtures take it from here)
+from tests.conftest import PHOTOS, wait_for
+from tests.testenv import free_port
 
-BIN = ROOT / ".venv" / "bin"
 PHOTO_NAMES = sorted(p.name for p in PHOTOS.iterdir() if p.suffix in (".jpg", ".png"))
 
 
-class Stack:
-    """The platform's processes, started and killed one by one, all sharing one environment."""
+class Stack(stack.Stack):
+    """The platform's processes (stack.Stack: the Procfile, a database and bucket of their own),
+    started and killed one by one by the fault tests."""
 
-    def __init__(self, name, env):
-        self.name = name
-        self.logdir = Path(tempfile.mkdtemp(prefix=f"fault-{name}-"))
-        self.port = free_port()
-        self.env = {**os.environ, **TEST_ENV, **env, "PORT": str(self.port), "PUBLIC_BASE_URL": f"http://127.0.0.1:{self.port}"}
-        self.procs = {}
-        self.base_url = f"http://127.0.0.1:{self.port}"
-
-    # --- processes ---
-
-    def _spawn(self, name, argv):
-        log = open(self.logdir / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-        return self.procs[name]
-
-    def log(self, name):
-        path = self.logdir / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def manage(self, *args, timeout=120):
-        result = subprocess.run([str(BIN / "python"), "manage.py", *args], cwd=ROOT, env=self.env,
-                                capture_output=True, text=True, timeout=timeout)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result.stdout
-
-    def procfile(self, process, **env):
-        """The Procfile's command line for `process`, as `make run` and docker compose run it
-        (tests/test_deploy_files.py holds them equal), with its variables filled in."""
-        lines = dict(line.split(": ", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line.strip())
-        values = {**self.env, **env}
-        return [re.sub(r"\$(\w+)", lambda m: values[m.group(1)], word) for word in shlex.split(lines[process])]
+    stop_grace = 0  # a fault test's processes are killed at the end, not drained
 
     def start_api(self):
-        self._spawn("api", self.procfile("api", GUNICORN_WORKERS="2"))
-        wait_for(self._api_answers, timeout=60, message="the API")
+        self.start("api", GUNICORN_WORKERS="2", timeout=60)
 
-    def _api_answers(self):
-        try:
-            return requests.get(f"{self.base_url}/api/v1/health/", timeout=2).status_code in (200, 503)
-        except requests.RequestException:
-            return False
-
-    def start_detect(self, name="detect", concurrency=2):
-        marker_count = self.log(name).count("detector ready")
-        argv = self.procfile("worker", WORKER_CONCURRENCY=str(concurrency))
-        argv[argv.index("detect@%h")] = f"{name}@%h"  # one node name per worker, as on separate machines
-        self._spawn(name, argv)
-        self._wait_log(name, "detector ready", marker_count + concurrency)
+    def start_detect(self, name="worker", concurrency=2):
+        """The Procfile's detect worker; another `name` is another node, as on another machine."""
+        self.start("worker", name=name, WORKER_CONCURRENCY=str(concurrency), timeout=120)
 
     def start_callbacks(self):
-        self._spawn("callbacks", self.procfile("callbacks"))
-        self._wait_log("callbacks", " ready.", 1)
+        self.start("callbacks", timeout=120)
 
     def start_beat(self):
-        argv = self.procfile("beat")
-        argv[argv.index("run/celerybeat-schedule")] = str(self.logdir / "beat-schedule")
-        self._spawn("beat", argv)
-
-    def start_all(self):
-        self.start_api()
-        self.start_detect()
-        self.start_callbacks()
-        self.start_beat()
-
-    def _wait_log(self, name, marker, count, timeout=120):
-        def ready():
-            if self.procs[name].poll() is not None:
-                raise AssertionError(f"{name} exited:\n{self.log(name)[-3000:]}")
-            return self.log(name).count(marker) >= count
-
-        wait_for(ready, timeout=timeout, message=f"{name} to be ready")
-
-    def pool_children(self, name):
-        """PIDs of a prefork worker's pool processes."""
-        pid = self.procs[name].pid
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        return [int(child) for child in children]
-
-    def kill(self, name, sig=signal.SIGKILL, wait=30):
-        proc = self.procs[name]
-        os.killpg(proc.pid, sig)
-        proc.wait(wait)
-
-    def stop(self):
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for proc in self.procs.values():
-            proc.wait(10)
+        self.start("beat")
 
     def purge_queues(self):
         """Drop messages another test left on the shared vhost."""
@@ -128,18 +46,11 @@ class Stack:
 
         with Connection(self.env["CELERY_BROKER_URL"], connect_timeout=5) as conn:
             channel = conn.channel()
-            for queue in ("detect", "callbacks"):
+            for queue in self.queues():
                 try:
                     channel.queue_purge(queue)
                 except Exception:  # not declared yet
                     channel = conn.channel()
-
-    # --- API ---
-
-    def create_client(self):
-        import json
-
-        return json.loads(self.manage("create_client", f"fault-{self.name}-{time.monotonic_ns()}"))
 
     def submit_batch(self, credentials, receiver, count=20, prefix="img"):
         """Upload `count` real photos with callbacks; returns {image_id: request_id}."""
@@ -158,98 +69,6 @@ class Stack:
             assert response.status_code == 202, response.text
             accepted[response.json()["id"]] = request_id
         return accepted
-
-
-class Database:
-    """A database of the stack's own on some PostgreSQL server, migrated, dropped afterwards."""
-
-    def __init__(self, name, port=5432, host="127.0.0.1"):
-        self.name, self.port, self.host = name, port, host
-        self.url = f"postgres://postgres@{host}:{port}/{name}"
-
-    def create(self, stack):
-        self.drop()
-        stack.manage("ensure_database")
-        stack.manage("migrate", "--no-input", "-v", "0")
-
-    def drop(self):
-        with psycopg.connect(host=self.host, port=self.port, user="postgres", dbname="postgres", autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
-
-    def query(self, sql, params=()):
-        with psycopg.connect(host=self.host, port=self.port, user="postgres", dbname=self.name, connect_timeout=5) as conn:
-            return conn.execute(sql, params).fetchall()
-
-
-class TcpProxy:
-    """A TCP relay in front of a server; `cut()` refuses and drops every connection, as a dead
-    server would, and `restore()` brings it back on the same port."""
-
-    def __init__(self, target_port, port=None):
-        self.target_port = target_port
-        self.port = port or free_port()
-        self._conns = []
-        self._listener = None
-        self._lock = threading.Lock()
-        self._open = False
-        self.restore()
-
-    def restore(self):
-        with self._lock:
-            self._open = True
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def _accept(self, listener):
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                if not self._open:  # accepted just as the proxy was cut: drop it too
-                    client.close()
-                    upstream.close()
-                    continue
-                self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source, sink):
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def cut(self):
-        with self._lock:
-            self._open = False
-        self._listener.close()
-        with self._lock:
-            for conn in self._conns:
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                conn.close()
-            self._conns = []
 
 
 class PrivateRabbit:
@@ -350,12 +169,7 @@ def _listening(port):
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def bucket_objects(endpoint, bucket):
-    client = minio.Minio(endpoint, "x", "y", secure=False)
-    return {obj.object_name for obj in client.list_objects(bucket, recursive=True)}
-
-
-def assert_nothing_lost(db, accepted, receiver, storage_endpoint, bucket, timeout=180):
+def assert_nothing_lost(db, accepted, receiver, s3, bucket, timeout=180):
     """Every accepted image ended done or failed with a reason, exactly one callback event each,
     no duplicate faces, no orphaned objects. Returns a summary for RELIABILITY.md."""
     ids = list(accepted)
@@ -392,7 +206,7 @@ def assert_nothing_lost(db, accepted, receiver, storage_endpoint, bucket, timeou
     assert mismatched == []
 
     expected_objects = {key for row in rows for key in row[4:6] if key}
-    assert bucket_objects(storage_endpoint, bucket) == expected_objects
+    assert s3.objects(bucket) == expected_objects
 
     done = sum(1 for row in rows if row[1] == "done")
     deliveries = len(receiver.received())

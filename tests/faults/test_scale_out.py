@@ -31,7 +31,7 @@ def test_two_workers_share_the_queue_and_one_finishes_when_the_other_dies(make_s
     stack.kill("machine-a", signal.SIGKILL)
     by_a = images_done_by(stack, "machine-a")
 
-    figures = assert_nothing_lost(db, accepted, receiver, stack.storage_endpoint, stack.bucket)
+    figures = assert_nothing_lost(db, accepted, receiver, stack.s3, stack.bucket)
     by_b = images_done_by(stack, "machine-b")
     assert by_a and by_b
     assert set(accepted) <= by_a | by_b

@@ -8,6 +8,7 @@ import pytest
 import requests
 
 from tests.conftest import PHOTOS, wait_for
+from stack import S3Server
 from tests.faults.harness import PrivatePostgres, PrivateRabbit, PrivateRedis, assert_nothing_lost
 
 pytestmark = pytest.mark.faults
@@ -40,7 +41,7 @@ def test_rabbitmq_restarted_with_jobs_queued_running_and_arriving(make_stack, re
     time.sleep(2)
     rabbit.start()
 
-    figures = assert_nothing_lost(db, {**accepted, **during}, receiver, stack.storage_endpoint, stack.bucket, timeout=240)
+    figures = assert_nothing_lost(db, {**accepted, **during}, receiver, stack.s3, stack.bucket, timeout=240)
     report(fault="RabbitMQ stopped and restarted mid-batch; 20 uploads accepted while it was down", **figures)
 
 
@@ -64,7 +65,7 @@ def test_rabbitmq_restarted_while_a_callback_is_being_delivered(make_stack, rece
     rabbit.start()
     accepted |= stack.submit_batch(credentials, receiver, count=10, prefix="after")
 
-    figures = assert_nothing_lost(db, accepted, receiver, stack.storage_endpoint, stack.bucket, timeout=240)
+    figures = assert_nothing_lost(db, accepted, receiver, stack.s3, stack.bucket, timeout=240)
     report(fault="RabbitMQ restarted while the callbacks worker was delivering a callback", **figures)
 
 
@@ -80,20 +81,27 @@ def test_redis_down_for_a_while_changes_nothing(make_stack, receiver, report):
         accepted |= stack.submit_batch(credentials, receiver, count=10, prefix="during")  # rate limit fails open
         time.sleep(2)
         redis.start()
-        figures = assert_nothing_lost(db, accepted, receiver, stack.storage_endpoint, stack.bucket)
+        figures = assert_nothing_lost(db, accepted, receiver, stack.s3, stack.bucket)
         report(fault="Redis (result backend, rate-limit cache) stopped mid-batch, restarted", **figures)
     finally:
         redis.stop()
 
 
-def test_storage_down_refuses_uploads_and_workers_wait_it_out(make_stack, receiver, report, storage_proxy):
-    stack, db = make_stack()
+@pytest.fixture
+def private_s3(tmp_path):
+    server = S3Server(tmp_path / "s3").start()
+    yield server
+    server.stop()
+
+
+def test_storage_down_refuses_uploads_and_workers_wait_it_out(make_stack, receiver, report, private_s3):
+    stack, db = make_stack(s3=private_s3)
     stack.start_all()
     credentials = stack.create_client()
     accepted = stack.submit_batch(credentials, receiver, count=20)
     wait_for(lambda: finished(db, accepted) >= 1, timeout=90, interval=0.1, message="the batch under way")
 
-    storage_proxy.cut()
+    private_s3.kill()  # SIGKILL: the storage server crashes mid-batch
     with open(PHOTOS / "clm_cage.jpg", "rb") as f:
         refused = requests.post(f"{stack.base_url}/api/v1/images/", files={"image": f}, data={"request_id": "refused"},
                                 headers={"Authorization": f"Bearer {credentials['api_key']}"}, timeout=60)
@@ -101,11 +109,12 @@ def test_storage_down_refuses_uploads_and_workers_wait_it_out(make_stack, receiv
     assert refused.json()["error"]["code"] == "service_unavailable"
     assert db.query("select count(*) from api_image where request_id = 'refused'")[0][0] == 0
     time.sleep(4)
-    storage_proxy.restore()
+    private_s3.start()  # same ports, same data
 
-    figures = assert_nothing_lost(db, accepted, receiver, stack.storage_endpoint, stack.bucket, timeout=240)
-    assert "Retry in" in stack.log("detect")  # the workers met the outage and waited it out
-    report(fault="storage unreachable for 4 s mid-batch (uploads refused with 503, nothing written)", **figures)
+    figures = assert_nothing_lost(db, accepted, receiver, stack.s3, stack.bucket, timeout=240)
+    assert "Retry in" in stack.detect_log()  # the workers met the outage and waited it out
+    report(fault="S3 server killed (SIGKILL) mid-batch, restarted 4 s later (uploads refused with 503, nothing written)",
+           **figures)
 
 
 def test_postgresql_restarted_under_load(make_stack, receiver, report):
@@ -128,8 +137,8 @@ def test_postgresql_restarted_under_load(make_stack, receiver, report):
         # query and reconnects, so the first uploads after the restart are accepted (202), not 500.
         accepted.update(stack.submit_batch(credentials, receiver, count=8, prefix="after-restart"))
 
-        figures = assert_nothing_lost(db, accepted, receiver, stack.storage_endpoint, stack.bucket, timeout=240)
-        assert "Retry in" in stack.log("detect")
+        figures = assert_nothing_lost(db, accepted, receiver, stack.s3, stack.bucket, timeout=240)
+        assert "Retry in" in stack.detect_log()
         report(fault="PostgreSQL stopped (fast) and restarted mid-batch; 8 uploads right after the restart", **figures)
     finally:
         postgres.cleanup()
