@@ -6,7 +6,10 @@ Run from the repository root:
         [--split] [--storage filesystem|s3]
 
 Engines: with --engines auto, both DETECT_ENGINE values (onnx, tensorflow) when
-face_detect_api/settings.py defines DETECT_ENGINE, else the default engine only. The ONNX models
+face_detect_api/settings.py defines DETECT_ENGINE, else the default engine only. `blazeface` is
+the other engine of a request (engine=blazeface on every upload, served by the Procfile's
+BlazeFace pool): `--engines onnx,blazeface` measures MTCNN and BlazeFace through the same stack
+code side by side. The ONNX models
 come from workers.onnx_engine.default_model_dir() when it holds them, else they are exported
 (python -m workers.onnx_export) into a temporary directory; ONNX_MODEL_DIR points the stacks at
 them. --env adds environment to every stack, to try a setting (a whole settings module:
@@ -139,7 +142,22 @@ CPU_GROUPS = ("children", "parent", "api", "callbacks", "beat", "pg", "services"
 # --------------------------------------------------------------------------- ceiling worker
 
 
-def components(photos, detector, passes=2):
+def detector_for(engine, model_dir):
+    """find_faces for one engine as the detect task calls it: image -> faces."""
+    from workers.detection import Detector, find_faces
+
+    if engine == "blazeface":
+        return lambda image: find_faces(image, 20, engine="blazeface")
+    if engine == "onnx":
+        from workers.onnx_engine import OnnxDetector
+
+        detector = OnnxDetector(model_dir, threads=1)
+    else:
+        detector = Detector(threads=1)
+    return lambda image: find_faces(image, 20, 0.9, max_side=MAX_SIDE, detector=detector)
+
+
+def components(photos, detect, passes=2):
     """CPU ms per photo (mean over the photos, best of `passes`) of each piece of work the platform
     does for an image, in this one process: the API's upload check (api.uploads.inspect_image:
     a draft-mode decode of JPEGs), and the detect_faces task's decode, find_faces and drawing
@@ -148,7 +166,7 @@ def components(photos, detector, passes=2):
 
     django.setup()
     from api.uploads import inspect_image
-    from workers.detection import find_faces, load_upright_rgb
+    from workers.detection import load_upright_rgb
     from workers.drawing import annotate_image
 
     formats = {name: inspect_image(data).format for name, data in photos.items()}
@@ -163,7 +181,7 @@ def components(photos, detector, passes=2):
             image = load_upright_rgb(data)
             spent["decode (worker)"] += time.process_time() - t
             t = time.process_time()
-            faces = find_faces(image, 20, 0.9, max_side=MAX_SIDE, detector=detector)
+            faces = detect(image)
             spent["find_faces"] += time.process_time() - t
             t = time.process_time()
             annotate_image(image, faces, "boxes", formats[name])
@@ -178,23 +196,21 @@ def serve_ceiling(engine, model_dir, measure=False):
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # TensorFlow and Keras may print: keep the protocol on a private copy of fd 1
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "face_detect_api.settings")
-    from workers.detection import Detector, find_faces, load_upright_rgb
+    import django
 
-    if engine == "onnx":
-        from workers.onnx_engine import OnnxDetector
+    django.setup()
+    from workers.detection import load_upright_rgb
 
-        detector = OnnxDetector(model_dir, threads=1)
-    else:
-        detector = Detector(threads=1)
+    detect = detector_for(engine, model_dir)
     photos = {name: (PHOTOS / name).read_bytes() for name in photo_names()}
     for data in photos.values():  # warm-up: first calls trace graphs and allocate
-        find_faces(load_upright_rgb(data), 20, 0.9, max_side=MAX_SIDE, detector=detector)
-    replies.write(json.dumps({"ready": True, "components": components(photos, detector) if measure else None}) + "\n")
+        detect(load_upright_rgb(data))
+    replies.write(json.dumps({"ready": True, "components": components(photos, detect) if measure else None}) + "\n")
     replies.flush()
     for line in sys.stdin:
         request = json.loads(line)
         cpu, start = time.process_time(), time.perf_counter()
-        faces = find_faces(load_upright_rgb(photos[request["file"]]), 20, 0.9, max_side=MAX_SIDE, detector=detector)
+        faces = detect(load_upright_rgb(photos[request["file"]]))
         replies.write(json.dumps({"seconds": time.perf_counter() - start, "cpu": time.process_time() - cpu,
                                   "faces": len(faces)}) + "\n")
         replies.flush()
@@ -469,7 +485,7 @@ def main():
 
 def run(args, cleanup, began, up_before):
     engines = detect_engines() if args.engines == "auto" else [e.strip() for e in args.engines.split(",")]
-    if detect_engines() == ["default"] and engines != ["default"]:
+    if detect_engines() == ["default"] and set(engines) - {"default", "blazeface"}:
         raise SystemExit("--engines: face_detect_api/settings.py has no DETECT_ENGINE; the workers would ignore it")
     concurrencies = [int(c) for c in (args.concurrency or ("1" if args.split else "1,2")).split(",")]
     if args.split and (os.cpu_count() or 1) < 2:
@@ -493,7 +509,7 @@ def run(args, cleanup, began, up_before):
     stacks, template = {}, None
     for engine in engines:
         env = {"WORKER_MAX_TASKS_PER_CHILD": "100000", **dict(item.split("=", 1) for item in args.env)}
-        if engine != "default":
+        if engine in ("onnx", "tensorflow"):
             env["DETECT_ENGINE"] = engine
         if engine == "onnx":
             env["ONNX_MODEL_DIR"] = str(model_dir)
@@ -501,7 +517,8 @@ def run(args, cleanup, began, up_before):
             name = f"{engine[:4]}c{c}"
             log(f"creating stack {name}")
             stacks[(engine, c)] = BenchStack(name, tag, cleanup, env=env, template_db=template, s3=s3,
-                                             api_workers=args.api_workers, concurrency=c)
+                                             api_workers=args.api_workers, concurrency=c,
+                                             fields={"engine": "blazeface"} if engine == "blazeface" else None)
             template = template or stacks[(engine, c)].db_name
     ceilings = {}
     for engine in engines:

@@ -178,8 +178,10 @@ class BenchStack:
     bucket or media root of its own), removed again by `cleanup`. `s3`: the S3 server to keep
     images on (stack.S3Server), else a temporary directory."""
 
-    def __init__(self, name, tag, cleanup, env=None, template_db=None, api_workers=4, concurrency=2, s3=None):
+    def __init__(self, name, tag, cleanup, env=None, template_db=None, api_workers=4, concurrency=2, s3=None,
+                 fields=None):
         self.name = name
+        self.fields = fields or {}  # sent with every upload, e.g. {"engine": "blazeface"}
         self.concurrency = concurrency
         self.api_workers = api_workers
         self.stack = Stack(f"bench-{tag}-{name}", {**BENCH_ENV, **(env or {})}, s3=s3,
@@ -293,7 +295,7 @@ def submit(session, stack, name, data, request_id, callback_url):
         f"{stack.base_url}/api/v1/images/",
         headers={"Authorization": f"Bearer {stack.credentials['api_key']}"},
         files={"image": (name, data)},
-        data={"request_id": request_id, "callback_url": callback_url},
+        data={"request_id": request_id, "callback_url": callback_url, **getattr(stack, "fields", {})},
         timeout=60,
     )
     if response.status_code != 202:

@@ -264,6 +264,8 @@ OVERLAP_MARGIN = 1.25
 # face crop: 0.53-0.69 where the same face in a wider frame scores 0.75-0.95), so the photo is
 # also seen at this fraction of the input, with black around it.
 ZOOMED_OUT = 0.5
+# How much resolution the tile pass may give up to save a row or column of tiles (plan()).
+SNAP = 0.05
 # A face touching an inner tile edge by less than this (of the tile) is cut there.
 EDGE_MARGIN = 0.01
 
@@ -282,6 +284,14 @@ def plan(width, height, min_face_size, max_side=DEFAULT_MAX_SIDE):
     # The whole pass finds faces from MIN_FACE_INPUT * working / 192 px of the working image.
     overlap = min(INPUT_SIZE // 2, math.ceil(OVERLAP_MARGIN * MIN_FACE_INPUT * working / INPUT_SIZE))
     step = INPUT_SIZE - overlap
+    # A row or column of tiles bought for the last few percent of resolution is not worth its
+    # cost: the working size shrinks to what one tile fewer covers, if that loses at most SNAP (a
+    # 512-px photo: 4 tiles at 351 px instead of 9 at 358).
+    fewer = INPUT_SIZE + (math.ceil((working - INPUT_SIZE) / step) - 1) * step
+    if fewer >= working * (1 - SNAP):
+        working = fewer
+        scale = working / long_side
+        w, h = max(1, round(width * scale)), max(1, round(height * scale))
     return scale, [(x, y) for y in _starts(h, step) for x in _starts(w, step)]
 
 
