@@ -203,14 +203,24 @@ def test_small_faces_in_a_large_photo_are_found_by_the_tiles(engine):
 def test_tiles_cover_the_working_image_and_overlap_by_a_face(engine):
     scale, origins = blazeface.plan(1920, 1280, 20)
     size = (round(1920 * scale), round(1280 * scale))
-    assert max(size) == blazeface.DEFAULT_MAX_SIDE
+    assert blazeface.DEFAULT_MAX_SIDE * (1 - blazeface.SNAP) <= max(size) <= blazeface.DEFAULT_MAX_SIDE
     xs, ys = sorted({x for x, _ in origins}), sorted({y for _, y in origins})
     assert xs[0] == ys[0] == 0
     assert xs[-1] + blazeface.INPUT_SIZE == size[0] and ys[-1] + blazeface.INPUT_SIZE == size[1]
     overlaps = [blazeface.INPUT_SIZE - (b - a) for axis in (xs, ys) for a, b in zip(axis, axis[1:])]
-    assert min(overlaps) >= blazeface.MIN_FACE_INPUT * blazeface.DEFAULT_MAX_SIDE / blazeface.INPUT_SIZE
+    assert min(overlaps) >= blazeface.MIN_FACE_INPUT * max(size) / blazeface.INPUT_SIZE
     # A small photo whose faces the whole-photo pass already sees at min_face_size is not tiled.
     assert blazeface.plan(200, 150, 20) == (None, [])
+
+
+def test_a_row_of_tiles_is_not_paid_for_the_last_few_percent_of_resolution():
+    """A 512-px photo wants a 358-px working size: 3 x 3 tiles, or 2 x 2 at 351 px."""
+    scale, origins = blazeface.plan(512, 512, 20)
+    assert len(origins) == 4
+    assert 358 * (1 - blazeface.SNAP) <= 512 * scale < 358
+    # 512 px wanted (12-px faces): a tile fewer would cover 482 px, too far below to give up.
+    scale, origins = blazeface.plan(512, 512, 12, max_side=512)
+    assert (512 * scale, len(origins)) == (512, 16)
 
 
 def test_anchors_are_mediapipes_full_range_grid():

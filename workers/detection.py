@@ -143,7 +143,8 @@ def find_faces(image, min_face_size=20, min_confidence=None, max_side=None, dete
     if min_confidence is None:
         min_confidence = DEFAULT_MIN_CONFIDENCE[engine]
     if engine == "blazeface":
-        return get_blazeface().find_faces(image, min_face_size=min_face_size, min_confidence=min_confidence)
+        return get_blazeface().find_faces(image, min_face_size=min_face_size, min_confidence=min_confidence,
+                                          max_side=max_side)
     detector = detector or get_detector()
     width, height = image.size
     how = plan(width, height, min_face_size, max_side or settings.DETECT_MAX_SIDE)
