@@ -1,5 +1,6 @@
 """Worker process hooks: detection workers import TensorFlow once in the parent and build the
-detector in each pool child right after the fork, so the first image is not slow."""
+detector in each pool child right after the fork, so the first image is not slow; a worker that
+consumes the `callbacks` queue runs the callback delivery loop (workers/delivery.py)."""
 
 import logging
 
@@ -14,6 +15,7 @@ from . import detection  # sets TensorFlow's log level before anything imports i
 logger = logging.getLogger(__name__)
 
 _runs_detection = False
+_runs_callbacks = False
 
 
 @signals.celeryd_init.connect
@@ -25,8 +27,9 @@ def _patient_publishing(conf=None, **kwargs):
 
 @signals.celeryd_after_setup.connect
 def _note_queues(sender, instance, **kwargs):
-    global _runs_detection
+    global _runs_detection, _runs_callbacks
     _runs_detection = "detect" in instance.app.amqp.queues.consume_from
+    _runs_callbacks = "callbacks" in instance.app.amqp.queues.consume_from
     from django.conf import settings
 
     if _runs_detection and settings.DETECT_ENGINE == "tensorflow":
@@ -41,6 +44,31 @@ def _warm_up_detector(**kwargs):
         return
     detection.get_detector().detect(np.zeros((64, 64, 3), dtype=np.uint8))
     logger.info("detector ready")
+
+
+@signals.worker_ready.connect
+def _start_callback_delivery(**kwargs):
+    if _runs_callbacks:
+        from . import delivery
+
+        delivery.start()
+        logger.info("callback delivery loop started")
+
+
+@signals.worker_shutting_down.connect
+def _stop_claiming_callbacks(**kwargs):
+    """Warm shutdown begins: claim nothing more (called in a signal handler: must not block)."""
+    from . import delivery
+
+    delivery.stop_claiming()
+
+
+@signals.worker_shutdown.connect
+def _stop_callback_delivery(**kwargs):
+    """Attempts in flight end within CALLBACK_TIMEOUT and are recorded before the process exits."""
+    from . import delivery
+
+    delivery.stop()
 
 
 @signals.task_prerun.connect
