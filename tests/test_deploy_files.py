@@ -36,7 +36,7 @@ COMMANDS = {
     " --no-control-socket --access-logfile - --graceful-timeout 20",
     "worker": "celery -A face_detect_api worker -Q detect -n detect@%h --concurrency $WORKER_CONCURRENCY"
     " --without-gossip --without-mingle -O fair",
-    "callbacks": "celery -A face_detect_api worker -Q callbacks -n callbacks@%h --pool threads --concurrency 8"
+    "callbacks": "celery -A face_detect_api worker -Q callbacks -n callbacks@%h --pool threads --concurrency 4"
     " --without-gossip --without-mingle",
     "beat": "celery -A face_detect_api beat --schedule /tmp/celerybeat-schedule",
 }
