@@ -353,7 +353,7 @@ if CALLBACK_CONNECT_TIMEOUT > CALLBACK_TIMEOUT:
 # How often the delivery loop looks for due attempts besides being woken (workers/delivery.py).
 CALLBACK_DISPATCH_INTERVAL = envfloat("CALLBACK_DISPATCH_INTERVAL", 0.5, minimum=0.05)
 # Attempts in flight at once in one callbacks process, and to one endpoint (scheme, host, port).
-CALLBACK_MAX_IN_FLIGHT = envint("CALLBACK_MAX_IN_FLIGHT", 500, minimum=1, maximum=10000)
+CALLBACK_MAX_IN_FLIGHT = envint("CALLBACK_MAX_IN_FLIGHT", 1000, minimum=1, maximum=10000)
 CALLBACK_ENDPOINT_MAX_IN_FLIGHT = envint("CALLBACK_ENDPOINT_MAX_IN_FLIGHT", 20, minimum=1, maximum=10000)
 # Circuit breaker: this many timeouts, refused connections or 5xx in a row open an endpoint for
 # CALLBACK_BREAKER_SECONDS (doubled after each failed probe, at most 16x).

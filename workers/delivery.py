@@ -3,19 +3,22 @@ CALLBACK_MAX_IN_FLIGHT attempts in flight, none of which holds a thread while it
 
 It claims due attempts from the database (events.claim), fairly across endpoints, whenever it is
 woken (a `send_callback` message, a finished attempt) and every CALLBACK_DISPATCH_INTERVAL. Per
-endpoint at most CALLBACK_ENDPOINT_MAX_IN_FLIGHT attempts are in flight; an attempt claimed
-beyond that is put back for a second without counting. An open circuit breaker (endpoints.py)
-turns due attempts into recorded "not sent" attempts without a network call. Outcomes are written
-in batches by one database thread (events.record), so a process holds one PostgreSQL connection
-for all of this, and a database outage only delays the writes: a claim that is never recorded is
+endpoint at most CALLBACK_ENDPOINT_MAX_IN_FLIGHT attempts are in flight, and twice as many may
+wait here, claimed, to go out the moment one ends (so one busy receiver is not paced by the
+claims); an endpoint that keeps failing meanwhile gets its waiting attempts put back without
+counting. An open circuit breaker (endpoints.py) turns due attempts into recorded "not sent"
+attempts without a network call. Outcomes are written
+in batches (events.record); claims and records each have a thread and a PostgreSQL connection, so
+a process holds two connections for all of this, and a database outage only delays the writes: a claim that is never recorded is
 sent again when its lease runs out.
 """
 
 import asyncio
 import logging
+import resource
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 
 from django.conf import settings
@@ -28,7 +31,10 @@ logger = logging.getLogger(__name__)
 
 FLUSH_EVERY = 0.05  # seconds between writes of outcomes
 FLUSH_SIZE = 500
-MIN_POLL_GAP = 0.01  # wake-ups closer than this share one claim
+MIN_POLL_GAP = 0.02  # wake-ups closer than this share one claim
+# Claimed attempts per endpoint, in flight and waiting, in units of the per-endpoint cap. Waiting
+# ones go out within two of its attempts' timeouts, well inside their lease.
+CLAIM_AHEAD = 3
 DB_RETRY_SECONDS = 1.0
 
 
@@ -40,6 +46,8 @@ class DeliveryLoop:
         self.per_endpoint = per_endpoint or settings.CALLBACK_ENDPOINT_MAX_IN_FLIGHT
         self.interval = interval or settings.CALLBACK_DISPATCH_INTERVAL
         self.in_flight = Counter()  # endpoint -> attempts in flight
+        self.waiting = {}  # endpoint -> deque of claimed attempts waiting for room
+        self.failing = Counter()  # endpoint -> breaker failures in a row seen here
         self.origins = {}  # endpoint -> the URL origins seen for it (events.origin)
         self.probing = set()  # endpoints whose probe is in flight or not yet recorded
         self.outcomes = []
@@ -50,11 +58,15 @@ class DeliveryLoop:
         self._wakeup = None
         self._stopping = threading.Event()
         self._started = threading.Event()
-        self._db = ThreadPoolExecutor(1, thread_name_prefix="callback-db")
+        # Claims and records each on a thread (and a PostgreSQL connection) of their own, so a
+        # batch being written never holds up the next claim.
+        self._claims = ThreadPoolExecutor(1, thread_name_prefix="callback-claims")
+        self._records = ThreadPoolExecutor(1, thread_name_prefix="callback-records")
 
     # --- control, from other threads ---
 
     def start(self):
+        self.max_in_flight = allow_sockets(self.max_in_flight)
         self._thread = threading.Thread(target=self._run, name="callback-delivery", daemon=True)
         self._thread.start()
         self._started.wait(10)
@@ -76,7 +88,8 @@ class DeliveryLoop:
         self.wake()
         if self._thread is not None:
             self._thread.join(timeout if timeout is not None else settings.CALLBACK_TIMEOUT + 5)
-        self._db.shutdown(wait=False)
+        self._claims.shutdown(wait=False)
+        self._records.shutdown(wait=False)
 
     # --- the loop ---
 
@@ -108,13 +121,17 @@ class DeliveryLoop:
                     await asyncio.wait_for(self._wakeup.wait(), self.interval)
                 except TimeoutError:
                     pass
+            for queue in self.waiting.values():  # claimed, never sent: back to the database, uncounted
+                self.outcomes += [events.Outcome(attempt, timezone.now()) for attempt in queue]
+            self.waiting.clear()
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=settings.CALLBACK_TIMEOUT + 1)
             writer.cancel()
             await self._write()
-        await self._loop.run_in_executor(self._db, connections.close_all)
+        for executor in (self._claims, self._records):
+            await self._loop.run_in_executor(executor, connections.close_all)
 
-    async def _db_call(self, function, *args):
+    async def _db_call(self, executor, function, *args):
         def call():
             close_old_connections()  # drops a connection a database restart broke
             try:
@@ -122,11 +139,20 @@ class DeliveryLoop:
             finally:
                 close_old_connections()
 
-        return await self._loop.run_in_executor(self._db, call)
+        return await self._loop.run_in_executor(executor, call)
 
-    def _busy_origins(self):
-        busy = {key for key, count in self.in_flight.items() if count >= self.per_endpoint} | self.probing
-        return [origin for key in busy for origin in self.origins.get(key, ())]
+    def _outstanding(self, key):
+        return self.in_flight[key] + len(self.waiting.get(key, ()))
+
+    def _rooms(self):
+        """{origin: attempts it may still take} for the endpoints with attempts here or a probe
+        pending; the claim gives the others up to the per-endpoint cap."""
+        rooms = {}
+        for key in set(self.in_flight) | set(self.waiting) | self.probing:
+            room = 0 if key in self.probing else CLAIM_AHEAD * self.per_endpoint - self._outstanding(key)
+            for origin in self.origins.get(key, ()):
+                rooms[origin] = room
+        return rooms
 
     async def _claim_and_send(self, session):
         """One claim; returns True when it filled all the room there was (more may be due)."""
@@ -134,7 +160,8 @@ class DeliveryLoop:
         if room <= 0:
             return False
         try:
-            attempts, states = await self._db_call(events.claim, room, self.per_endpoint, self._busy_origins())
+            attempts, states = await self._db_call(self._claims, events.claim, room, CLAIM_AHEAD * self.per_endpoint,
+                                                   self._rooms())
         except DatabaseError:
             logger.warning("could not claim due callbacks; trying again", exc_info=True)
             await asyncio.sleep(DB_RETRY_SECONDS)
@@ -147,16 +174,38 @@ class DeliveryLoop:
             if decision == endpoints.SKIP:
                 result = callbacks.DeliveryResult(None, 0, endpoints.skipped_error(states[key]))
                 self.outcomes.append(events.Outcome(attempt, now, result, sent=False))
-            elif self.in_flight[key] >= self.per_endpoint or (decision == endpoints.PROBE and key in self.probing):
-                self.outcomes.append(events.Outcome(attempt, now))  # deferred: no room, or a probe decides first
-            else:
-                if decision == endpoints.PROBE:
+            elif decision == endpoints.PROBE:
+                if key in self.probing or self.in_flight[key]:
+                    self.outcomes.append(events.Outcome(attempt, now))  # deferred: one probe decides first
+                else:
                     self.probing.add(key)
-                self.in_flight[key] += 1
-                task = asyncio.create_task(self._send(session, attempt))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                    self._start(session, attempt)
+            else:
+                self.waiting.setdefault(key, deque()).append(attempt)
+        for key in list(self.waiting):
+            self._pump(session, key)
         return len(attempts) >= room
+
+    def _pump(self, session, key):
+        """Send what waits for `key` while it, and the loop, have room; put it back if the
+        endpoint keeps failing."""
+        queue = self.waiting.get(key)
+        while queue and self.in_flight[key] < self.per_endpoint and len(self._tasks) < self.max_in_flight:
+            attempt = queue.popleft()
+            if self.failing[key] >= settings.CALLBACK_BREAKER_FAILURES:
+                self.outcomes.append(events.Outcome(attempt, timezone.now()))  # its breaker decides next time
+            else:
+                self._start(session, attempt)
+        if not queue:
+            self.waiting.pop(key, None)
+        if not self.in_flight[key]:
+            del self.in_flight[key]
+
+    def _start(self, session, attempt):
+        self.in_flight[attempt.endpoint] += 1
+        task = asyncio.create_task(self._send(session, attempt))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _send(self, session, attempt):
         started = timezone.now()
@@ -167,10 +216,15 @@ class DeliveryLoop:
             result = callbacks.DeliveryResult(None, 0, f"{type(error).__name__}: {error}"[:1000])
         finally:
             self.in_flight[attempt.endpoint] -= 1
-            if not self.in_flight[attempt.endpoint]:
-                del self.in_flight[attempt.endpoint]
         self.sent += 1
+        self.failing[attempt.endpoint] = self.failing[attempt.endpoint] + 1 if endpoints.is_failure(result) else 0
+        if not self.failing[attempt.endpoint]:
+            del self.failing[attempt.endpoint]
         self.outcomes.append(events.Outcome(attempt, started, result))
+        self._pump(session, attempt.endpoint)
+        if len(self._tasks) <= self.max_in_flight and self.waiting:
+            for key in list(self.waiting):  # a slot of the loop's own came free
+                self._pump(session, key)
         self._wakeup.set()  # room for another
 
     async def _write_forever(self):
@@ -182,7 +236,7 @@ class DeliveryLoop:
         while self.outcomes:
             batch, self.outcomes = self.outcomes[:FLUSH_SIZE], self.outcomes[FLUSH_SIZE:]
             try:
-                await self._db_call(events.record, batch)
+                await self._db_call(self._records, events.record, batch)
             except DatabaseError:
                 logger.warning("could not record %d callback attempts; trying again", len(batch), exc_info=True)
                 self.outcomes[:0] = batch
@@ -194,6 +248,21 @@ class DeliveryLoop:
             if self.probing & probed:
                 self.probing -= probed
                 self._wakeup.set()
+
+
+def allow_sockets(wanted):
+    """Raise the process's open-file limit to hold `wanted` connections besides its other files,
+    as far as the hard limit allows; returns how many attempts may be in flight."""
+    spare = 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted + spare:
+        return wanted
+    target = wanted + spare if hard == resource.RLIM_INFINITY else min(wanted + spare, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted + spare:
+        logger.warning("open files limited to %d: at most %d callback attempts in flight", target, target - spare)
+        return max(1, target - spare)
+    return wanted
 
 
 _running = None
