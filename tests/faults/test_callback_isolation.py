@@ -220,7 +220,9 @@ def test_a_hanging_and_a_failing_endpoint_do_not_delay_another_clients_callbacks
             "select i.id from api_image i left join api_face f on f.image_id = i.id where i.id = any(%s) "
             "and i.status = 'done' group by i.id having i.face_count <> count(f.id)", (list(everyone),))
         assert mismatched == []
-        assert hanging.most_open <= PER_ENDPOINT
+        # Capped (tests/test_callback_delivery.py checks the exact cap): a connection the loop has
+        # just dropped can still look open from here when its successor arrives.
+        assert hanging.most_open < 2 * PER_ENDPOINT
 
         breakers = dict(db.query("select port, state from api_callbackendpoint"))
         report(
