@@ -266,3 +266,26 @@ def test_an_image_deleted_while_its_attempt_was_in_flight_is_left_alone(integrat
 
     events.record([events.Outcome(attempt, timezone.now(), callbacks.DeliveryResult(200, 5, ""))])
     assert not CallbackAttempt.objects.exists()
+
+
+def test_an_event_that_cannot_be_built_is_recorded_and_holds_up_no_other(run_loop, receivers, integrator,
+                                                                          monkeypatch):
+    from api.serializers import ImageSerializer
+
+    receiver = receivers()
+    broken, fine = pending_images(integrator[0], receiver.url("/hook"), 2)
+    represent = ImageSerializer.represent.__func__
+
+    def failing_for_one(cls, image, context):
+        if image.pk == broken.pk:
+            raise ValueError("a row the serializer chokes on")
+        return represent(cls, image, context)
+
+    monkeypatch.setattr(ImageSerializer, "represent", classmethod(failing_for_one))
+    run_loop()
+
+    wait_for(lambda: statuses([fine]) == ["delivered"], timeout=20, message="the other event")
+    wait_for(lambda: CallbackAttempt.objects.filter(image=broken).exists(), timeout=20, message="the broken one")
+    attempt = CallbackAttempt.objects.get(image=broken)
+    assert attempt.error.startswith("not sent: could not build the event: ValueError")
+    assert len(receiver.received()) == 1

@@ -48,6 +48,7 @@ class DeliveryLoop:
         self.in_flight = Counter()  # endpoint -> attempts in flight
         self.waiting = {}  # endpoint -> deque of claimed attempts waiting for room
         self.failing = Counter()  # endpoint -> breaker failures in a row seen here
+        self.failed_at = {}  # endpoint -> when the last of them ended (time.monotonic)
         self.origins = {}  # endpoint -> the URL origins seen for it (events.origin)
         self.probing = set()  # endpoints whose probe is in flight or not yet recorded
         self.outcomes = []
@@ -171,7 +172,10 @@ class DeliveryLoop:
             key = attempt.endpoint
             self.origins.setdefault(key, set()).add(events.origin(attempt.url))
             decision = endpoints.decide(states.get(key), now)
-            if decision == endpoints.SKIP:
+            if attempt.error:
+                self.outcomes.append(events.Outcome(attempt, now, callbacks.DeliveryResult(None, 0, attempt.error),
+                                                    sent=False))
+            elif decision == endpoints.SKIP:
                 result = callbacks.DeliveryResult(None, 0, endpoints.skipped_error(states[key]))
                 self.outcomes.append(events.Outcome(attempt, now, result, sent=False))
             elif decision == endpoints.PROBE:
@@ -192,7 +196,7 @@ class DeliveryLoop:
         queue = self.waiting.get(key)
         while queue and self.in_flight[key] < self.per_endpoint and len(self._tasks) < self.max_in_flight:
             attempt = queue.popleft()
-            if self.failing[key] >= settings.CALLBACK_BREAKER_FAILURES:
+            if self._keeps_failing(key):
                 self.outcomes.append(events.Outcome(attempt, timezone.now()))  # its breaker decides next time
             else:
                 self._start(session, attempt)
@@ -200,6 +204,15 @@ class DeliveryLoop:
             self.waiting.pop(key, None)
         if not self.in_flight[key]:
             del self.in_flight[key]
+
+    def _keeps_failing(self, key):
+        """Enough failures in a row here, lately, for the breaker to open once they are written:
+        attempts waiting for the endpoint go back to the database instead (its breaker decides
+        at their next claim). Forgotten after CALLBACK_BREAKER_SECONDS, so that an operator who
+        closes the circuit is not second-guessed for long."""
+        if self.failing[key] < settings.CALLBACK_BREAKER_FAILURES:
+            return False
+        return time.monotonic() - self.failed_at.get(key, 0) < settings.CALLBACK_BREAKER_SECONDS
 
     def _start(self, session, attempt):
         self.in_flight[attempt.endpoint] += 1
@@ -217,9 +230,12 @@ class DeliveryLoop:
         finally:
             self.in_flight[attempt.endpoint] -= 1
         self.sent += 1
-        self.failing[attempt.endpoint] = self.failing[attempt.endpoint] + 1 if endpoints.is_failure(result) else 0
-        if not self.failing[attempt.endpoint]:
-            del self.failing[attempt.endpoint]
+        if endpoints.is_failure(result):
+            self.failing[attempt.endpoint] += 1
+            self.failed_at[attempt.endpoint] = time.monotonic()
+        else:
+            self.failing.pop(attempt.endpoint, None)
+            self.failed_at.pop(attempt.endpoint, None)
         self.outcomes.append(events.Outcome(attempt, started, result))
         self._pump(session, attempt.endpoint)
         if len(self._tasks) <= self.max_in_flight and self.waiting:

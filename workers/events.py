@@ -105,6 +105,8 @@ class Attempt:
     key: bytes
     body: bytes
     endpoint: tuple = field(default=())
+    # Set when the body could not be built: the attempt is recorded as not sent, with this.
+    error: str = ""
 
 
 @dataclass
@@ -155,10 +157,18 @@ def _build(model, numbers):
     renderer = JSONRenderer()
     built = []
     for target in targets.filter(pk__in=list(numbers)):
-        resource = ImageSerializer.represent(target, {}) if model is Image else BatchSerializer(target).data
-        body = renderer.render({"type": target.event_type, "timestamp": timezone.now().isoformat(), "data": resource})
-        built.append(Attempt(model, target.pk, target.callback_event_id, numbers[target.pk], target.callback_url,
-                             target.client.webhook_key, body, endpoints.endpoint_of(target.callback_url)))
+        attempt = Attempt(model, target.pk, target.callback_event_id, numbers[target.pk], target.callback_url,
+                          b"", b"", endpoints.endpoint_of(target.callback_url))
+        try:
+            resource = ImageSerializer.represent(target, {}) if model is Image else BatchSerializer(target).data
+            attempt.body = renderer.render(
+                {"type": target.event_type, "timestamp": timezone.now().isoformat(), "data": resource}
+            )
+            attempt.key = target.client.webhook_key
+        except Exception as error:  # one bad row must not hold up the others claimed with it
+            logger.exception("callback %s: could not build the event", target.callback_event_id)
+            attempt.error = f"not sent: could not build the event: {type(error).__name__}: {error}"[:1000]
+        built.append(attempt)
     return built
 
 
