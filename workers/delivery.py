@@ -7,10 +7,10 @@ endpoint at most CALLBACK_ENDPOINT_MAX_IN_FLIGHT attempts are in flight, and twi
 wait here, claimed, to go out the moment one ends (so one busy receiver is not paced by the
 claims); an endpoint that keeps failing meanwhile gets its waiting attempts put back without
 counting. An open circuit breaker (endpoints.py) turns due attempts into recorded "not sent"
-attempts without a network call. Outcomes are written
-in batches (events.record); claims and records each have a thread and a PostgreSQL connection, so
-a process holds two connections for all of this, and a database outage only delays the writes: a claim that is never recorded is
-sent again when its lease runs out.
+attempts without a network call. Outcomes are written in batches (events.record). Claims and
+records each have a thread and a PostgreSQL connection: a process holds two connections whatever
+its load, and a database outage only delays the writes (a claim never recorded is sent again when
+its lease runs out).
 """
 
 import asyncio
@@ -148,8 +148,15 @@ class DeliveryLoop:
     def _rooms(self):
         """{origin: attempts it may still take} for the endpoints with attempts here or a probe
         pending; the claim gives the others up to the per-endpoint cap."""
+        active = set(self.in_flight) | set(self.waiting) | self.probing
+        # Forget endpoints with nothing here, so that a long-lived process does not collect them.
+        self.origins = {key: origins for key, origins in self.origins.items() if key in active}
+        cutoff = time.monotonic() - settings.CALLBACK_BREAKER_SECONDS
+        for key in [key for key, at in self.failed_at.items() if at < cutoff and key not in active]:
+            self.failed_at.pop(key)
+            self.failing.pop(key, None)
         rooms = {}
-        for key in set(self.in_flight) | set(self.waiting) | self.probing:
+        for key in active:
             room = 0 if key in self.probing else CLAIM_AHEAD * self.per_endpoint - self._outstanding(key)
             for origin in self.origins.get(key, ()):
                 rooms[origin] = room
