@@ -22,7 +22,8 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections, connections
+from django.db import Error as DatabaseError  # InterfaceError too: a connection a restart closed
+from django.db import close_old_connections, connections
 from django.utils import timezone
 
 from . import callbacks, endpoints, events

@@ -236,3 +236,26 @@ def test_a_hanging_and_a_failing_endpoint_do_not_delay_another_clients_callbacks
     finally:
         for server in (hanging, failing, healthy):
             server.close()
+
+
+def test_a_callbacks_worker_killed_with_attempts_in_flight_loses_none(make_stack, receiver, report):
+    """The database is the record: attempts claimed by a worker that dies are sent again once
+    their lease has run out, under the same webhook-id, by the worker that takes over."""
+    from tests.faults.harness import assert_nothing_lost
+
+    stack, db = make_stack()
+    stack.start_all()
+    credentials = stack.create_client()
+    slow = [f"/slow-{index}" for index in range(10)]
+    receiver.delays.update({path: [2] for path in slow})  # first attempts answer after 2 s
+    accepted = stack.submit_batch(credentials, receiver, count=len(slow), prefix="slow")
+    wait_for(lambda: len(receiver.received()) >= 3, timeout=90, interval=0.05, message="attempts in flight")
+
+    stack.kill("callbacks")
+    in_flight = db.query("select count(*) from api_image where callback_status = 'pending' and callback_attempts > 0")
+    stack.start_callbacks()
+
+    figures = assert_nothing_lost(db, accepted, receiver, stack.storage_endpoint, stack.bucket, timeout=180)
+    assert db.query("select count(*) from api_image where id = any(%s) and callback_status = 'delivered'",
+                    (list(accepted),))[0][0] == len(accepted)
+    report(fault=f"callbacks worker SIGKILLed with {in_flight[0][0]} attempts claimed, a new one started", **figures)
