@@ -259,3 +259,29 @@ def test_a_callbacks_worker_killed_with_attempts_in_flight_loses_none(make_stack
     assert db.query("select count(*) from api_image where id = any(%s) and callback_status = 'delivered'",
                     (list(accepted),))[0][0] == len(accepted)
     report(fault=f"callbacks worker SIGKILLed with {in_flight[0][0]} attempts claimed, a new one started", **figures)
+
+
+def test_a_callbacks_worker_stopped_with_sigterm_finishes_its_attempts_first(make_stack, receiver, report):
+    """A warm shutdown claims nothing more, lets the attempts in flight end and records them, so
+    the worker that takes over sends nothing twice."""
+    import signal
+
+    from tests.faults.harness import assert_nothing_lost
+
+    stack, db = make_stack()
+    stack.start_all()
+    credentials = stack.create_client()
+    slow = [f"/slow-{index}" for index in range(10)]
+    receiver.delays.update({path: [2] for path in slow})
+    accepted = stack.submit_batch(credentials, receiver, count=len(slow), prefix="slow")
+    wait_for(lambda: len(receiver.received()) >= 3, timeout=90, interval=0.05, message="attempts in flight")
+
+    stack.kill("callbacks", sig=signal.SIGTERM, wait=30)
+    assert "callback delivery loop started" in stack.log("callbacks")
+    unrecorded = db.query("select count(*) from api_image where callback_status = 'pending' and callback_attempts > 0")
+    assert unrecorded == [(0,)]  # everything it had claimed was recorded or put back
+    stack.start_callbacks()
+
+    figures = assert_nothing_lost(db, accepted, receiver, stack.storage_endpoint, stack.bucket, timeout=180)
+    assert figures["callback_requests"] == len(accepted)  # nothing sent twice
+    report(fault="callbacks worker stopped with SIGTERM while attempts were in flight, a new one started", **figures)
