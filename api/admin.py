@@ -1,4 +1,5 @@
-"""The operators' UI: clients, and images with their faces, callback attempts and actions."""
+"""The operators' UI: clients, images with their faces, callback attempts and actions, and the
+callback endpoints' circuit breakers."""
 
 import io
 
@@ -6,12 +7,13 @@ import PIL.Image
 from django.contrib import admin, messages
 from django.http import Http404, HttpResponse
 from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.html import format_html
 
 from workers import pipeline
 
 from . import storage
-from .models import Batch, CallbackAttempt, Client, Face, Image
+from .models import Batch, CallbackAttempt, CallbackEndpoint, Client, Face, Image
 
 
 @admin.register(Client)
@@ -170,3 +172,31 @@ class BatchAdmin(admin.ModelAdmin):
     @admin.display(description="images")
     def image_count(self, batch):
         return batch.images.count()
+
+
+@admin.register(CallbackEndpoint)
+class CallbackEndpointAdmin(admin.ModelAdmin):
+    """Each receiver (scheme, host, port) that ever failed, and its circuit breaker."""
+
+    list_display = ["__str__", "state", "consecutive_failures", "state_since", "open_until", "last_failure_at",
+                    "short_error"]
+    list_filter = ["state"]
+    search_fields = ["host"]
+    ordering = ["-state", "-consecutive_failures", "host"]
+    readonly_fields = ["scheme", "host", "port", "state", "consecutive_failures", "failed_probes", "last_error",
+                       "last_failure_at", "state_since", "open_until"]
+    fields = readonly_fields
+    actions = ["close_circuit"]
+
+    def has_add_permission(self, request):
+        return False
+
+    @admin.display(description="last error")
+    def short_error(self, endpoint):
+        return endpoint.last_error[:120]
+
+    @admin.action(description="Close the circuit (send again now)")
+    def close_circuit(self, request, queryset):
+        count = queryset.update(state=CallbackEndpoint.State.CLOSED, consecutive_failures=0, failed_probes=0,
+                                open_until=None, state_since=timezone.now())
+        self.message_user(request, f"{count} endpoint(s) closed.", messages.SUCCESS)

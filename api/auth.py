@@ -1,4 +1,5 @@
-"""Bearer API-key authentication and the per-client rate limit."""
+"""Bearer API-key authentication, the per-client rate limit, and the throttle on failed
+authentication per client address (bad API keys here; admin logins through django-axes)."""
 
 import functools
 import logging
@@ -29,9 +30,14 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         try:
             api_key = header[1].decode("ascii")
         except UnicodeDecodeError:
-            raise exceptions.AuthenticationFailed("Invalid API key.") from None
+            api_key = ""  # never a key: counted as a failure below like any other bad one
+        address = client_address(request)
+        if failures_over_limit(address):
+            raise _failed_auth_throttled()
         client = active_client(hash_api_key(api_key))
         if client is None:
+            if not note_failure(address):
+                raise _failed_auth_throttled()
             raise exceptions.AuthenticationFailed("Invalid API key.")
         return client, None
 
@@ -127,3 +133,57 @@ class ClientRateThrottle(throttling.SimpleRateThrottle):
 
     def wait(self):
         return self.retry_after
+
+
+# --- Failed authentication, per client address ------------------------------------------------
+
+
+def client_address(request):
+    """The client's IP address: the connection's, or the entry TRUSTED_PROXIES reverse proxies
+    added to X-Forwarded-For (entries further left are the client's own word, so never trusted).
+    DRF's throttles (NUM_PROXIES) and django-axes (AXES_CLIENT_IP_CALLABLE) use the same rule."""
+    meta = getattr(request, "META", {})
+    remote = meta.get("REMOTE_ADDR", "")
+    forwarded = meta.get("HTTP_X_FORWARDED_FOR", "")
+    if settings.TRUSTED_PROXIES and forwarded:
+        entries = [entry.strip() for entry in forwarded.split(",")]
+        return entries[-min(settings.TRUSTED_PROXIES, len(entries))] or remote
+    return remote
+
+
+def _failure_window(address):
+    """The sliding window's two Redis keys for `address` and the previous window's weight, as the
+    client throttle computes them, over AUTH_FAILURE_WINDOW seconds."""
+    duration = settings.AUTH_FAILURE_WINDOW
+    window, elapsed = divmod(time.time(), duration)
+    key = f"throttle:auth-failures:{address}"
+    return [f"{key}:{int(window)}", f"{key}:{int(window) - 1}"], 1 - elapsed / duration
+
+
+def failures_over_limit(address):
+    """True once `address` has used up its AUTH_FAILURE_LIMIT (fails open without Redis)."""
+    keys, weight = _failure_window(address)
+    try:
+        current, previous = (int(value or 0) for value in rate_limit_redis().mget(keys))
+    except (redis.RedisError, OSError):
+        logger.warning("rate-limit store unavailable; authentication not throttled", exc_info=True)
+        return False
+    return previous * weight + current >= settings.AUTH_FAILURE_LIMIT
+
+
+def note_failure(address):
+    """Count a failed authentication; False when it was over the limit. The client throttle's
+    script counts only what it allows, so hammering does not push the window's end further out."""
+    keys, weight = _failure_window(address)
+    try:
+        allowed = _sliding_window()(keys=keys, args=[settings.AUTH_FAILURE_LIMIT, weight, 2 * settings.AUTH_FAILURE_WINDOW])
+    except (redis.RedisError, OSError):
+        logger.warning("rate-limit store unavailable; failed authentication not counted", exc_info=True)
+        return True
+    return bool(allowed)
+
+
+def _failed_auth_throttled():
+    return exceptions.Throttled(
+        wait=settings.AUTH_FAILURE_WINDOW, detail="Too many failed authentications from this address; try again later."
+    )

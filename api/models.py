@@ -246,3 +246,41 @@ class CallbackAttempt(models.Model):
 
     def __str__(self):
         return f"attempt {self.number} for {self.image_id or self.batch_id}"
+
+
+class CallbackEndpoint(models.Model):
+    """A receiver of callbacks, one per (scheme, host, port), and its circuit breaker.
+
+    closed: attempts are sent. After CALLBACK_BREAKER_FAILURES timeouts, refused connections or
+    5xx in a row it is open until `open_until`: due attempts to it are recorded as not sent and
+    rescheduled, with no network call. Once `open_until` has passed, one attempt is sent as a
+    probe: an answer closes it, another failure opens it again for twice as long (at most 16x).
+    The delivery loop (workers/delivery.py) reads and writes it; operators see it in the admin.
+    """
+
+    class State(models.TextChoices):
+        CLOSED = "closed"
+        OPEN = "open"
+
+    scheme = models.CharField(max_length=5)
+    host = models.CharField(max_length=255)
+    port = models.PositiveIntegerField()
+    state = models.CharField(max_length=6, choices=State.choices, default=State.CLOSED)
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    failed_probes = models.PositiveSmallIntegerField(default=0)
+    last_error = models.TextField(blank=True, default="")
+    last_failure_at = models.DateTimeField(null=True, blank=True)
+    # When the current state began: since when it is open (or closed again).
+    state_since = models.DateTimeField(default=timezone.now)
+    open_until = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["scheme", "host", "port"]
+        constraints = [models.UniqueConstraint(fields=["scheme", "host", "port"], name="unique_callback_endpoint")]
+
+    def __str__(self):
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+    @property
+    def key(self):
+        return (self.scheme, self.host, self.port)

@@ -133,6 +133,8 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "api",
     "workers",
+    # Admin logins: failed attempts recorded, the client address locked out (AXES_* below).
+    "axes",
 ]
 
 MIDDLEWARE = [
@@ -145,6 +147,14 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes' documentation asks: it turns a lockout into its answer.
+    "axes.middleware.AxesMiddleware",
+]
+
+AUTHENTICATION_BACKENDS = [
+    # First, as django-axes' documentation asks: a locked-out address is refused before the password is checked.
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
 ]
 
 ROOT_URLCONF = "face_detect_api.urls"
@@ -262,7 +272,6 @@ CELERY_TASK_DEFAULT_QUEUE = DETECT_QUEUES["mtcnn"]
 CELERY_TASK_ROUTES = {
     "workers.tasks.send_callback": {"queue": "callbacks"},
     "workers.tasks.send_batch_callback": {"queue": "callbacks"},
-    "workers.tasks.dispatch_due_callbacks": {"queue": "callbacks"},
     "workers.tasks.sweep_images": {"queue": "callbacks"},
     "workers.tasks.purge_expired_images": {"queue": "callbacks"},
 }
@@ -276,7 +285,6 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "inte
 WORKER_PUBLISH_RETRY_POLICY = {"max_retries": 60, "interval_start": 0.5, "interval_step": 0.5, "interval_max": 2}
 CELERY_WORKER_SEND_TASK_EVENTS = False
 CELERY_BEAT_SCHEDULE = {
-    "dispatch-due-callbacks": {"task": "workers.tasks.dispatch_due_callbacks", "schedule": envfloat("CALLBACK_DISPATCH_INTERVAL", 1.0, 0.1)},
     "sweep-images": {"task": "workers.tasks.sweep_images", "schedule": envfloat("SWEEP_INTERVAL", 15.0, 0.5)},
     "purge-expired-images": {"task": "workers.tasks.purge_expired_images", "schedule": 3600.0},
 }
@@ -367,7 +375,21 @@ DETECT_THREADS = envint("DETECT_THREADS", 1, minimum=1)
 
 CALLBACK_ALLOWED_NETWORKS = envnetworks("CALLBACK_ALLOWED_NETWORKS", [])
 CALLBACK_RETRY_DELAYS = envdelays("CALLBACK_RETRY_DELAYS", ["5", "30", "120", "600", "1800", "3600", "10800", "21600"])
+# The whole attempt, answer included: a receiver that dribbles its answer is cut here.
 CALLBACK_TIMEOUT = envfloat("CALLBACK_TIMEOUT", 10.0, minimum=0.1)
+# Opening the TCP (and TLS) connection alone: a dead host is given up on quickly.
+CALLBACK_CONNECT_TIMEOUT = envfloat("CALLBACK_CONNECT_TIMEOUT", min(3.0, CALLBACK_TIMEOUT), minimum=0.1)
+if CALLBACK_CONNECT_TIMEOUT > CALLBACK_TIMEOUT:
+    _fail("CALLBACK_CONNECT_TIMEOUT", CALLBACK_CONNECT_TIMEOUT, f"at most CALLBACK_TIMEOUT ({CALLBACK_TIMEOUT})")
+# How often the delivery loop looks for due attempts besides being woken (workers/delivery.py).
+CALLBACK_DISPATCH_INTERVAL = envfloat("CALLBACK_DISPATCH_INTERVAL", 0.5, minimum=0.05)
+# Attempts in flight at once in one callbacks process, and to one endpoint (scheme, host, port).
+CALLBACK_MAX_IN_FLIGHT = envint("CALLBACK_MAX_IN_FLIGHT", 1000, minimum=1, maximum=10000)
+CALLBACK_ENDPOINT_MAX_IN_FLIGHT = envint("CALLBACK_ENDPOINT_MAX_IN_FLIGHT", 20, minimum=1, maximum=10000)
+# Circuit breaker: this many timeouts, refused connections or 5xx in a row open an endpoint for
+# CALLBACK_BREAKER_SECONDS (doubled after each failed probe, at most 16x).
+CALLBACK_BREAKER_FAILURES = envint("CALLBACK_BREAKER_FAILURES", 5, minimum=1)
+CALLBACK_BREAKER_SECONDS = envfloat("CALLBACK_BREAKER_SECONDS", 30.0, minimum=0.1)
 
 
 # --- Pipeline recovery -----------------------------------------------------------------------
@@ -387,6 +409,13 @@ RETENTION_DAYS = envint("RETENTION_DAYS", 30, minimum=1)
 THROTTLE_RATE = envstr("THROTTLE_RATE", "50/s")
 # A deactivated client's key keeps working at most this long in each API process.
 AUTH_CACHE_SECONDS = envint("AUTH_CACHE_SECONDS", 5, minimum=0, maximum=300)
+# Failed authentication, per client address: after this many bad API keys within the window the
+# address gets 429 `throttled` (no key is looked up) until the window has slid past them.
+AUTH_FAILURE_LIMIT = envint("AUTH_FAILURE_LIMIT", 20, minimum=1)
+AUTH_FAILURE_WINDOW = envint("AUTH_FAILURE_WINDOW", 300, minimum=1)
+# Reverse proxies in front of the API that append to X-Forwarded-For: the client address is the
+# entry they added. 0: the connection's own address (X-Forwarded-For is ignored, it can be forged).
+TRUSTED_PROXIES = envint("TRUSTED_PROXIES", 0, minimum=0, maximum=10)
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["api.auth.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -399,7 +428,19 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "api.errors.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "UNAUTHENTICATED_USER": None,
+    "NUM_PROXIES": TRUSTED_PROXIES,
 }
+
+
+# --- Admin login lockout (django-axes) --------------------------------------------------------
+
+# After this many failed admin logins from one client address, that address is locked out for
+# ADMIN_LOCKOUT_MINUTES (every new failure meanwhile starts the wait again).
+AXES_FAILURE_LIMIT = envint("ADMIN_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = envint("ADMIN_LOCKOUT_MINUTES", 15, minimum=1) / 60
+AXES_LOCKOUT_PARAMETERS = ["ip_address"]
+AXES_CLIENT_IP_CALLABLE = "api.auth.client_address"
+AXES_RESET_ON_SUCCESS = True
 
 
 SPECTACULAR_SETTINGS = {

@@ -99,3 +99,22 @@ def test_client_secrets_never_show_in_the_admin(operator, integrator):
     assert integrator[0].webhook_secret not in html
     assert integrator[0].api_key_hash not in html
     assert integrator[1] not in html
+
+
+def test_callback_endpoints_show_their_circuit_breaker_and_can_be_closed(operator):
+    from django.utils import timezone
+
+    from api.models import CallbackEndpoint
+
+    since = timezone.now()
+    endpoint = CallbackEndpoint.objects.create(
+        scheme="https", host="hooks.example", port=443, state="open", consecutive_failures=7,
+        last_error="timed out after 10.0 s", state_since=since, open_until=since,
+    )
+    html = operator.get("/admin/api/callbackendpoint/", {"state__exact": "open"}).content.decode()
+    assert "https://hooks.example:443" in html and "timed out after 10.0 s" in html and ">7<" in html
+    assert "hooks.example" in operator.get(f"/admin/api/callbackendpoint/{endpoint.pk}/change/").content.decode()
+
+    operator.post("/admin/api/callbackendpoint/", {"action": "close_circuit", "_selected_action": [str(endpoint.pk)]})
+    endpoint.refresh_from_db()
+    assert (endpoint.state, endpoint.consecutive_failures, endpoint.open_until) == ("closed", 0, None)

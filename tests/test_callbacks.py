@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -233,8 +234,6 @@ def test_a_worker_thread_reuses_its_connection_to_a_receiver(keep_alive_server):
 
 
 def test_a_kept_connection_the_receiver_closed_is_replaced_without_a_failed_attempt(keep_alive_server):
-    import time
-
     _KeepAlive.close_after = True
     session = callbacks.kept_session()
     assert callbacks.deliver(session, keep_alive_server, b"k", "msg_1", b"{}").status_code == 200
@@ -254,3 +253,157 @@ def test_callback_connections_send_without_nagle_delay(settings, local_server):
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         sock.close()
+
+
+# --- The delivery loop's transport (aiohttp): the same guarantees ---------------------------
+
+
+def post_async(url, body=b"{}"):
+    """One attempt through the delivery loop's transport, on a loop of its own."""
+    import asyncio
+
+    async def attempt():
+        async with callbacks.async_session() as session:
+            return await callbacks.deliver_async(session, url, b"key", "msg_async", body)
+
+    return asyncio.run(attempt())
+
+
+@pytest.fixture
+def loopback_allowed(settings):
+    import ipaddress
+
+    settings.CALLBACK_ALLOWED_NETWORKS = [ipaddress.ip_network("127.0.0.1/32")]
+
+
+def test_the_async_transport_catches_dns_rebinding_at_connect_time(settings, monkeypatch, local_server):
+    settings.CALLBACK_ALLOWED_NETWORKS = []
+    real_getaddrinfo = socket.getaddrinfo
+    answers = iter(["93.184.216.34", "127.0.0.1"])
+
+    def rebinding(host, port, *args, **kwargs):
+        if host == "rebind.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
+        return real_getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    url = f"http://rebind.example:{local_server}/hook"
+    callbacks.check_url(url)  # submission: public, accepted
+
+    result = post_async(url)
+
+    assert result.status_code is None and result.error.startswith("blocked"), result.error
+    assert _Recorder.hits == []
+
+
+def test_the_async_transport_checks_an_ip_literal_on_connect(settings, local_server):
+    """aiohttp does not resolve IP literals: the socket factory sees the address all the same."""
+    import ipaddress
+
+    settings.CALLBACK_ALLOWED_NETWORKS = [ipaddress.ip_network("10.0.0.0/8")]
+    result = post_async(f"http://127.0.0.1:{local_server}/hook")
+    assert result.status_code is None and result.error.startswith("blocked"), result.error
+    assert _Recorder.hits == []
+
+    settings.CALLBACK_ALLOWED_NETWORKS = [ipaddress.ip_network("127.0.0.1/32")]
+    assert post_async(f"http://127.0.0.1:{local_server}/hook").status_code == 200
+    assert _Recorder.hits == ["/hook"]
+
+
+def test_the_async_transport_does_not_follow_a_redirect(loopback_allowed):
+    server = HTTPServer(("127.0.0.1", 0), _Redirector)
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    try:
+        result = post_async(f"http://127.0.0.1:{server.server_address[1]}/hook")
+    finally:
+        server.server_close()
+    assert result.status_code == 302 and not result.delivered
+
+
+def test_the_async_transport_ignores_proxy_variables(loopback_allowed, monkeypatch, local_server):
+    monkeypatch.setenv("HTTP_PROXY", "http://10.0.0.1:3128")
+    monkeypatch.setenv("http_proxy", "http://10.0.0.1:3128")
+    assert post_async(f"http://127.0.0.1:{local_server}/p").status_code == 200
+
+
+def test_the_async_transport_sends_standard_webhooks_headers(loopback_allowed):
+    received = {}
+
+    class Capture(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received["headers"] = dict(self.headers)
+            received["body"] = self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Capture)
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    secret = "whsec_" + base64.b64encode(b"key").decode()
+    try:
+        result = post_async(f"http://127.0.0.1:{server.server_address[1]}/hook", body=b'{"type":"image.done"}')
+    finally:
+        server.server_close()
+    assert result.status_code == 204 and result.delivered
+    assert Webhook(secret).verify(received["body"], received["headers"]) == {"type": "image.done"}
+    assert received["headers"]["webhook-id"] == "msg_async"
+
+
+def test_an_endpoint_dribbling_its_answer_is_cut_at_the_timeout(settings, loopback_allowed):
+    """The answer comes a byte a second: the whole attempt, not each read, is bounded by
+    CALLBACK_TIMEOUT, so the connection is dropped long before the answer would be complete."""
+    settings.CALLBACK_TIMEOUT = 1.5
+    settings.CALLBACK_CONNECT_TIMEOUT = 1.0
+    answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+    state = {"sent": 0, "dropped": False}
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def dribble():
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        try:
+            for byte in answer:
+                conn.sendall(bytes([byte]))
+                state["sent"] += 1
+                time.sleep(1)
+        except OSError:
+            state["dropped"] = True
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=dribble, daemon=True)
+    thread.start()
+    try:
+        result = post_async(f"http://127.0.0.1:{listener.getsockname()[1]}/slow")
+        thread.join(10)
+    finally:
+        listener.close()
+    assert result.status_code is None and result.error == "timed out after 1.5 s"
+    assert state["dropped"] and state["sent"] < len(answer)
+
+
+def test_a_connection_that_cannot_be_opened_gives_up_at_the_connect_timeout(settings, loopback_allowed):
+    """A listener whose backlog is full drops new SYNs, as a dead host does."""
+    settings.CALLBACK_TIMEOUT = 10.0
+    settings.CALLBACK_CONNECT_TIMEOUT = 0.5
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):  # fill the accept queue (never accepted)
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(listener.getsockname())
+            fillers.append(filler)
+        result = post_async(f"http://127.0.0.1:{listener.getsockname()[1]}/")
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+    assert result.status_code is None
+    assert result.error == "timed out connecting after 0.5 s", result.error

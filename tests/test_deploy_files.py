@@ -38,7 +38,7 @@ COMMANDS = {
     " --without-gossip --without-mingle -O fair",
     "worker-blazeface": "celery -A face_detect_api worker -Q detect-blazeface -n detect-blazeface@%h"
     " --concurrency $WORKER_CONCURRENCY --without-gossip --without-mingle -O fair",
-    "callbacks": "celery -A face_detect_api worker -Q callbacks -n callbacks@%h --pool threads --concurrency 8"
+    "callbacks": "celery -A face_detect_api worker -Q callbacks -n callbacks@%h --pool threads --concurrency 4"
     " --without-gossip --without-mingle",
     "beat": "celery -A face_detect_api beat --schedule /tmp/celerybeat-schedule",
 }

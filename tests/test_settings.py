@@ -35,6 +35,12 @@ def start_with(**env):
         ("DATABASE_URL", "mysql://x@y/z"),
         ("WORKER_CONCURRENCY", "0"),
         ("TASK_TIME_LIMIT", "10"),
+        ("CALLBACK_CONNECT_TIMEOUT", "30"),
+        ("CALLBACK_ENDPOINT_MAX_IN_FLIGHT", "0"),
+        ("CALLBACK_BREAKER_SECONDS", "soon"),
+        ("AUTH_FAILURE_LIMIT", "many"),
+        ("ADMIN_LOGIN_FAILURE_LIMIT", "0"),
+        ("TRUSTED_PROXIES", "-1"),
     ],
 )
 def test_a_bad_value_stops_start_up_naming_the_variable(name, value):

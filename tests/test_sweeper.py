@@ -119,17 +119,16 @@ def test_a_claim_owned_by_another_task_is_refused(api):
     assert pipeline.claim(image.pk, "my-task") is None
 
 
-def test_callback_retries_are_queued_when_due_and_only_once(api):
+def test_callback_retries_are_claimed_when_due_and_only_once(api):
     due = accepted_image(api, status="done", callback_url="http://127.0.0.1:9/h", callback_status="pending",
                          callback_attempts=2, callback_event_id="msg_a", callback_next_attempt_at=timezone.now())
     accepted_image(api, status="done", callback_url="http://127.0.0.1:9/h", callback_status="pending",
                    callback_attempts=1, callback_event_id="msg_b",
                    callback_next_attempt_at=timezone.now() + timedelta(minutes=5))
 
-    assert events.dispatch_due() == 1
-    assert events.dispatch_due() == 0  # leased: the next tick leaves it alone
-
-    assert tasks_on("callbacks") == [("workers.tasks.send_callback", [str(due.pk)], {"attempt": 2})]
+    claimed, _ = events.claim(10, 10)
+    assert [(attempt.pk, attempt.number, attempt.event_id) for attempt in claimed] == [(due.pk, 3, "msg_a")]
+    assert events.claim(10, 10)[0] == []  # leased: the next look leaves it alone
 
 
 def test_a_retry_after_a_transient_error_does_not_use_up_an_attempt(api, settings):

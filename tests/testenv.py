@@ -46,6 +46,7 @@ TEST_ENV = {
     "CALLBACK_TIMEOUT": "3",
     "CALLBACK_DISPATCH_INTERVAL": "0.5",
     "THROTTLE_RATE": "100000/s",
+    "AUTH_FAILURE_LIMIT": "100000",
     "PUBLIC_BASE_URL": "http://testserver",
     "DEBUG": "false",
 }

@@ -3,8 +3,12 @@
 The address check runs twice: when the URL is submitted and again on the very address the socket
 connects to, so a hostname that resolves somewhere else later (DNS rebinding) is still refused.
 Only CALLBACK_ALLOWED_NETWORKS opens private ranges.
+
+Two transports share the guard: `deliver` (requests, blocking; image fetching uses its session)
+and `deliver_async` (aiohttp), which the callbacks worker's delivery loop runs hundreds at a time.
 """
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -15,7 +19,9 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import aiohttp
 import requests
+from aiohttp.abc import AbstractResolver
 from django.conf import settings
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -154,16 +160,21 @@ class DeliveryResult:
         return self.status_code == 410
 
 
-def deliver(session, url, key, msg_id, body):
-    """POST one signed attempt; never raises for network trouble, it is reported in the result."""
+def signed_headers(key, msg_id, body):
+    """The Standard Webhooks headers of one attempt, timestamped now."""
     timestamp = int(time.time())
-    headers = {
+    return {
         "content-type": "application/json",
         "user-agent": "face-detect-webhooks/1",
         "webhook-id": msg_id,
         "webhook-timestamp": str(timestamp),
         "webhook-signature": sign(key, msg_id, timestamp, body),
     }
+
+
+def deliver(session, url, key, msg_id, body):
+    """POST one signed attempt; never raises for network trouble, it is reported in the result."""
+    headers = signed_headers(key, msg_id, body)
     started = time.monotonic()
     try:
         response = session.post(url, data=body, headers=headers, timeout=settings.CALLBACK_TIMEOUT, allow_redirects=False)
@@ -198,3 +209,74 @@ def find_blocked(error):
 
 def _elapsed_ms(started):
     return round((time.monotonic() - started) * 1000)
+
+
+# --- The asynchronous transport (workers/delivery.py) -----------------------------------------
+
+# Receivers' answers are read to keep the connection reusable, but no further than this.
+MAX_ANSWER_BYTES = 64 * 1024
+
+
+class GuardedResolver(AbstractResolver):
+    """aiohttp's name resolution through resolve_allowed's rule: a name any of whose answers is
+    blocked is refused. (aiohttp skips resolvers for IP literals: _guarded_socket covers those.)"""
+
+    async def resolve(self, host, port=0, family=socket.AF_INET):
+        loop = asyncio.get_running_loop()
+        answers = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, family=family)
+        for _family, _type, _proto, _name, sockaddr in answers:
+            if not is_allowed_address(sockaddr[0]):
+                raise BlockedAddress(f"{host} resolves to a blocked address ({sockaddr[0]})")
+        return [
+            {"hostname": host, "host": sockaddr[0], "port": sockaddr[1], "family": family_, "proto": proto,
+             "flags": socket.AI_NUMERICHOST | socket.AI_NUMERICSERV}
+            for family_, _type, proto, _name, sockaddr in answers
+        ]
+
+    async def close(self):
+        pass
+
+
+def _guarded_socket(addr_info):
+    """aiohttp's socket factory: called with the very address about to be connected to."""
+    family, type_, proto, _name, sockaddr = addr_info
+    if not is_allowed_address(sockaddr[0]):
+        raise BlockedAddress(f"connecting to a blocked address ({sockaddr[0]})")
+    sock = socket.socket(family, type_, proto)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def async_session():
+    """An aiohttp session for the delivery loop: guarded resolution and connects, proxy variables
+    ignored (trust_env off), connections kept per receiver, no pool limit of its own (the loop
+    caps attempts per endpoint), CALLBACK_TIMEOUT for a whole attempt and
+    CALLBACK_CONNECT_TIMEOUT for its connection. Create it inside the running loop."""
+    connector = aiohttp.TCPConnector(resolver=GuardedResolver(), socket_factory=_guarded_socket, limit=0)
+    timeout = aiohttp.ClientTimeout(total=settings.CALLBACK_TIMEOUT, sock_connect=settings.CALLBACK_CONNECT_TIMEOUT)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False, auto_decompress=False,
+                                 skip_auto_headers=("User-Agent",))
+
+
+async def deliver_async(session, url, key, msg_id, body):
+    """POST one signed attempt without blocking the loop; network trouble is reported in the
+    result, never raised. Redirects are not followed; the answer counts by its status alone."""
+    headers = signed_headers(key, msg_id, body)
+    started = time.monotonic()
+    try:
+        async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
+            read = 0
+            while read <= MAX_ANSWER_BYTES and (chunk := await response.content.readany()):
+                read += len(chunk)
+            if not response.content.at_eof():
+                response.close()  # a long answer: drop the connection rather than read it all
+            return DeliveryResult(response.status, _elapsed_ms(started), "")
+    except aiohttp.ConnectionTimeoutError:
+        return DeliveryResult(None, _elapsed_ms(started),
+                              f"timed out connecting after {settings.CALLBACK_CONNECT_TIMEOUT} s")
+    except TimeoutError:
+        return DeliveryResult(None, _elapsed_ms(started), f"timed out after {settings.CALLBACK_TIMEOUT} s")
+    except (aiohttp.ClientError, OSError) as error:
+        blocked = find_blocked(error)
+        message = f"blocked: {blocked}" if blocked else f"connection failed: {type(error).__name__}: {error}"
+        return DeliveryResult(None, _elapsed_ms(started), message[:1000])

@@ -1,7 +1,8 @@
 """Worker process hooks: a detection worker learns its engines from the queues it consumes
 (settings.DETECT_QUEUES), imports TensorFlow once in the parent when MTCNN runs on it, and builds
 its engines in each pool child right after the fork, so the first image is not slow. A worker
-loads only the engines of its queues: a BlazeFace worker never imports TensorFlow."""
+loads only the engines of its queues: a BlazeFace worker never imports TensorFlow. A worker that
+consumes the `callbacks` queue runs the callback delivery loop (workers/delivery.py)."""
 
 import logging
 
@@ -16,6 +17,7 @@ from . import detection  # sets TensorFlow's log level before anything imports i
 logger = logging.getLogger(__name__)
 
 _engines = ()
+_runs_callbacks = False
 
 
 @signals.celeryd_init.connect
@@ -27,10 +29,11 @@ def _patient_publishing(conf=None, **kwargs):
 
 @signals.celeryd_after_setup.connect
 def _note_queues(sender, instance, **kwargs):
-    global _engines
+    global _engines, _runs_callbacks
     from django.conf import settings
 
     consumed = instance.app.amqp.queues.consume_from
+    _runs_callbacks = "callbacks" in consumed
     _engines = tuple(engine for engine, queue in settings.DETECT_QUEUES.items() if queue in consumed)
     if "mtcnn" in _engines and settings.DETECT_ENGINE == "tensorflow":
         # Importing (not using) TensorFlow before the fork is safe and saves every recycled child
@@ -46,6 +49,31 @@ def _warm_up_detector(**kwargs):
     for engine in _engines:
         detection.find_faces(blank, engine=engine)
     logger.info("detector ready: %s", ", ".join(_engines))
+
+
+@signals.worker_ready.connect
+def _start_callback_delivery(**kwargs):
+    if _runs_callbacks:
+        from . import delivery
+
+        delivery.start()
+        logger.info("callback delivery loop started")
+
+
+@signals.worker_shutting_down.connect
+def _stop_claiming_callbacks(**kwargs):
+    """Warm shutdown begins: claim nothing more (called in a signal handler: must not block)."""
+    from . import delivery
+
+    delivery.stop_claiming()
+
+
+@signals.worker_shutdown.connect
+def _stop_callback_delivery(**kwargs):
+    """Attempts in flight end within CALLBACK_TIMEOUT and are recorded before the process exits."""
+    from . import delivery
+
+    delivery.stop()
 
 
 @signals.task_prerun.connect

@@ -13,10 +13,10 @@ from django.db import DatabaseError
 
 from api import storage
 from api.errors import ApiError
-from api.models import Batch, Image
+from api.models import Image
 from api.uploads import inspect_image
 
-from . import detection, drawing, events, face_quality, fetch, pipeline
+from . import delivery, detection, drawing, face_quality, fetch, pipeline
 from .pipeline import PipelineError
 
 logger = logging.getLogger(__name__)
@@ -87,16 +87,17 @@ def detect_faces(self, image_id):
     return str(image.pk)
 
 
-@shared_task(autoretry_for=(DatabaseError,), retry_backoff=True, max_retries=5)
+@shared_task
 def send_callback(image_id, attempt=0):
-    """One delivery attempt of the image's current event; retries are scheduled in the database."""
-    events.deliver(Image, image_id, attempt)
+    """Wake the callbacks worker's delivery loop for the image's new event. The loop claims it
+    from the database (workers/delivery.py), so a lost or duplicated message changes nothing."""
+    delivery.wake()
 
 
-@shared_task(autoretry_for=(DatabaseError,), retry_backoff=True, max_retries=5)
+@shared_task
 def send_batch_callback(batch_id, attempt=0):
-    """One delivery attempt of a batch's `batch.done` event."""
-    events.deliver(Batch, batch_id, attempt)
+    """The same for a batch's `batch.done` event."""
+    delivery.wake()
 
 
 @shared_task
@@ -114,12 +115,6 @@ def on_pipeline_error(request, exc, traceback, image_id):
         code, message = "internal_error", f"{type(exc).__name__}: {exc}"
         logger.error("image %s: unexpected error in %s", image_id, request.task, exc_info=exc)
     pipeline.fail(image_id, code, message)
-
-
-@shared_task
-def dispatch_due_callbacks():
-    """Beat: queue callback retries whose delay has passed."""
-    return events.dispatch_due()
 
 
 @shared_task
