@@ -6,7 +6,7 @@ import json
 import pytest
 
 from api.models import Face, Image
-from tests.conftest import photo
+from tests.conftest import photo, wait_for
 from workers import detection, events, face_quality
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -41,10 +41,15 @@ def test_the_image_resource_shows_each_faces_pose_and_quality(api, done_image):
 
 
 def test_the_callback_payload_carries_each_faces_pose_and_quality(done_image, receiver):
-    image, face = done_image
-    events.deliver(Image, image.pk, 0)
+    """Delivered by the callbacks worker's own delivery loop, run in this process."""
+    from workers import delivery
 
-    [request] = receiver.received("/pq")
+    image, face = done_image
+    loop = delivery.DeliveryLoop().start()
+    try:
+        [request] = wait_for(lambda: receiver.received("/pq"), timeout=30, message="the callback")
+    finally:
+        loop.stop(timeout=15)
     new, old = json.loads(request["body"])["data"]["faces"]
     assert new["pose"] == face["pose"] and new["quality"] == face["quality"]
     assert old["pose"] is None and old["quality"] is None

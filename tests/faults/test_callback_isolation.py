@@ -255,7 +255,7 @@ def test_a_callbacks_worker_killed_with_attempts_in_flight_loses_none(make_stack
     in_flight = db.query("select count(*) from api_image where callback_status = 'pending' and callback_attempts > 0")
     stack.start_callbacks()
 
-    figures = assert_nothing_lost(db, accepted, receiver, stack.storage_endpoint, stack.bucket, timeout=180)
+    figures = assert_nothing_lost(db, accepted, receiver, stack.s3, stack.bucket, timeout=180)
     assert db.query("select count(*) from api_image where id = any(%s) and callback_status = 'delivered'",
                     (list(accepted),))[0][0] == len(accepted)
     report(fault=f"callbacks worker SIGKILLed with {in_flight[0][0]} attempts claimed, a new one started", **figures)
@@ -282,6 +282,6 @@ def test_a_callbacks_worker_stopped_with_sigterm_finishes_its_attempts_first(mak
     assert unrecorded == [(0,)]  # everything it had claimed was recorded or put back
     stack.start_callbacks()
 
-    figures = assert_nothing_lost(db, accepted, receiver, stack.storage_endpoint, stack.bucket, timeout=180)
+    figures = assert_nothing_lost(db, accepted, receiver, stack.s3, stack.bucket, timeout=180)
     assert figures["callback_requests"] == len(accepted)  # nothing sent twice
     report(fault="callbacks worker stopped with SIGTERM while attempts were in flight, a new one started", **figures)
