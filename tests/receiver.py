@@ -1,6 +1,7 @@
 """A real HTTP server that records every callback it receives."""
 
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -55,3 +56,51 @@ class Receiver:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class Hanging:
+    """A receiver that hangs: accepts connections and reads each request's head, then never
+    answers. Counts the connections open (and the most at once) and records each request."""
+
+    def __init__(self):
+        self.requests = []
+        self.open = self.most_open = 0
+        self._lock = threading.Lock()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1024)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, path="/hook"):
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}{path}"
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
+
+    def _hold(self, conn):
+        with self._lock:
+            self.open += 1
+            self.most_open = max(self.most_open, self.open)
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head and (chunk := conn.recv(65536)):
+                head += chunk
+            lines = head.decode("latin-1").split("\r\n")
+            headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+            self.requests.append({"path": lines[0].split(" ")[1], "id": headers.get("webhook-id"), "at": time.time()})
+            while conn.recv(65536):
+                pass
+        except (OSError, IndexError):
+            pass
+        finally:
+            conn.close()
+            with self._lock:
+                self.open -= 1
+
+    def close(self):
+        self.listener.close()

@@ -2,8 +2,6 @@
 HTTP receivers: claims, per-endpoint caps, circuit breakers, leases, and isolation between
 endpoints."""
 
-import socket
-import threading
 import time
 from datetime import timedelta
 
@@ -13,53 +11,10 @@ from standardwebhooks.webhooks import Webhook
 
 from api.models import CallbackAttempt, CallbackEndpoint, Image
 from tests.conftest import wait_for
-from tests.receiver import Receiver
+from tests.receiver import Hanging, Receiver
 from workers import delivery, events
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-class Hanging:
-    """Accepts connections, reads the requests and never answers; counts connections open."""
-
-    def __init__(self):
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(512)
-        self.open = 0
-        self.most_open = 0
-        self.accepted = 0
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def url(self, path="/hook"):
-        return f"http://127.0.0.1:{self.listener.getsockname()[1]}{path}"
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                self.accepted += 1
-                self.open += 1
-                self.most_open = max(self.most_open, self.open)
-            threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
-
-    def _hold(self, conn):
-        try:
-            while conn.recv(65536):
-                pass
-        except OSError:
-            pass
-        finally:
-            conn.close()
-            with self._lock:
-                self.open -= 1
-
-    def close(self):
-        self.listener.close()
 
 
 @pytest.fixture

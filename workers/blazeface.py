@@ -49,6 +49,9 @@ import numpy as np
 import onnxruntime as ort
 import PIL.Image
 
+# The same single-threaded, non-spinning session as MTCNN's networks (no TensorFlow in there).
+from .onnx_engine import session_options
+
 MODEL_FILE = "face_detection_full_range.onnx"
 KEYPOINTS = ("left_eye", "right_eye", "nose", "mouth", "left_ear", "right_ear")
 # The model's keypoint order (subject's right eye, subject's left eye, nose tip, mouth centre,
@@ -77,17 +80,6 @@ def anchors():
 
 
 ANCHORS = anchors()
-
-
-def session_options(threads=1):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads)
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Spinning threads burn a core waiting for work (see workers.onnx_engine).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
 
 
 def default_model_dir():

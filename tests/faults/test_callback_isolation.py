@@ -8,7 +8,6 @@ nothing is lost.
 """
 
 import io
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +17,7 @@ import pytest
 import requests
 
 from tests.conftest import wait_for
+from tests.receiver import Hanging
 
 pytestmark = pytest.mark.faults
 
@@ -72,53 +72,6 @@ class Recorder:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
-
-
-class Hanging:
-    """Accepts connections and reads each request's head, then never answers."""
-
-    def __init__(self):
-        self.requests = []
-        self.open = self.most_open = 0
-        self._lock = threading.Lock()
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(1024)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def url(self, path):
-        return f"http://127.0.0.1:{self.listener.getsockname()[1]}{path}"
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
-
-    def _hold(self, conn):
-        with self._lock:
-            self.open += 1
-            self.most_open = max(self.most_open, self.open)
-        try:
-            head = b""
-            while b"\r\n\r\n" not in head and (chunk := conn.recv(65536)):
-                head += chunk
-            lines = head.decode("latin-1").split("\r\n")
-            headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
-            self.requests.append({"path": lines[0].split(" ")[1], "id": headers.get("webhook-id"), "at": time.time()})
-            while conn.recv(65536):
-                pass
-        except (OSError, IndexError):
-            pass
-        finally:
-            conn.close()
-            with self._lock:
-                self.open -= 1
-
-    def close(self):
-        self.listener.close()
 
 
 def tiny_png(seed):
