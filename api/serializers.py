@@ -138,6 +138,15 @@ class BatchSubmitSerializer(OptionsSerializer):
 KEYPOINTS = ("left_eye", "right_eye", "nose", "mouth", "mouth_left", "mouth_right", "left_ear", "right_ear")
 
 
+POSE = ("yaw", "pitch", "roll")
+QUALITY = ("sharpness", "brightness", "contrast", "ipd")
+
+
+def _ordered(values, names):
+    """A stored JSON object in the SPEC's order (jsonb keeps none); None for faces stored before it."""
+    return None if values is None else {name: values[name] for name in names if name in values}
+
+
 class FaceSerializer(serializers.Serializer):
     def to_representation(self, face):
         return {
@@ -147,8 +156,8 @@ class FaceSerializer(serializers.Serializer):
             # ears), in a fixed order: PostgreSQL's jsonb keeps none.
             "keypoints": {name: {"x": face.keypoints[name][0], "y": face.keypoints[name][1]}
                           for name in KEYPOINTS if name in face.keypoints},
-            "pose": face.pose,
-            "quality": face.quality,
+            "pose": _ordered(face.pose, POSE),
+            "quality": _ordered(face.quality, QUALITY),
         }
 
 
