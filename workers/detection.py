@@ -1,4 +1,5 @@
-"""Face detection with the `mtcnn` package, loaded once per worker process.
+"""Face detection, one engine per request: MTCNN (the `mtcnn` package's networks) through the
+resolution policy below, or BlazeFace (workers/blazeface.py); each loaded once per worker process.
 
 The detector is created lazily in the process that uses it (never in a Celery parent before the
 pool forks: TensorFlow hangs in the children). DETECT_ENGINE picks it: `onnx` (the default,
@@ -11,7 +12,9 @@ Resolution policy: photos are downscaled so their long side is at most DETECT_MA
 detection, and boxes and keypoints are mapped back to the original's pixels. MTCNN cannot look
 for faces under 12 px of the detection image, so on a 1920-px photo scaled to 1024 px the smallest
 findable face is about 23 px of the original. A `min_face_size` above 20 is honoured by
-downscaling further (mtcnn itself returns nothing for 30 or more).
+downscaling further (mtcnn itself returns nothing for 30 or more). A candidate under O-Net's
+48-px input at the detection scale gets a second look on a full-resolution crop (_second_look):
+texture can pass for a face on so few pixels, and the package at full resolution would not say so.
 """
 
 import io
@@ -162,12 +165,13 @@ def find_faces(image, min_face_size=20, min_confidence=None, max_side=None, dete
     ]
     if second_look and how.scale < 1.0:
         min_window = min(max(float(min_face_size), MTCNN_WINDOW), MTCNN_MAX_MIN_FACE)
-        faces = [
-            checked
-            for face in faces
-            if (checked := face if min(face["box"]["width"], face["box"]["height"]) * how.scale >= SECOND_LOOK_BELOW
-                else _second_look(detector, image, face, min_window, min_confidence))
-        ]
+        kept = []
+        for face in faces:
+            if min(face["box"]["width"], face["box"]["height"]) * how.scale < SECOND_LOOK_BELOW:
+                face = _second_look(detector, image, face, min_window, min_confidence)
+            if face:
+                kept.append(face)
+        faces = kept
     faces.sort(key=lambda face: face["confidence"], reverse=True)
     return faces
 
