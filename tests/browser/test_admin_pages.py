@@ -77,9 +77,11 @@ def test_repeated_wrong_passwords_lock_the_address_out_even_for_the_right_one(br
         browser.get(f"{live_server.url}/admin/login/?next=/admin/")
         wait(browser).until(EC.presence_of_element_located((By.ID, "id_username"))).send_keys("ops")
         browser.find_element(By.ID, "id_password").send_keys(password)
-        browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
-        wait(browser).until(lambda d: d.execute_script("return document.readyState") == "complete")
-        return browser.find_element(By.TAG_NAME, "body").text
+        button = browser.find_element(By.CSS_SELECTOR, "input[type=submit]")
+        button.click()
+        # The answer is a new page: wait until the form's page is gone, then read the new one.
+        wait(browser).until(EC.staleness_of(button))
+        return wait(browser).until(EC.presence_of_element_located((By.TAG_NAME, "body"))).text
 
     for number in range(2):
         assert "correct username and password" in send(f"wrong-{number}")
