@@ -15,6 +15,9 @@ from standardwebhooks.webhooks import Webhook
 from api.models import Client
 from workers import callbacks
 
+# The resolver before any test replaces it.
+REAL_GETADDRINFO = socket.getaddrinfo
+
 
 def test_the_signature_follows_standard_webhooks():
     secret = "whsec_" + base64.b64encode(b"k" * 24).decode()
@@ -106,22 +109,28 @@ def local_server():
     server.server_close()
 
 
-def test_dns_rebinding_is_caught_at_connect_time(settings, monkeypatch, local_server):
-    """The name resolves to a public address when submitted and to loopback when the worker
-    connects: the connection is refused and the local server never sees a request."""
-    import ipaddress
-
-    settings.CALLBACK_ALLOWED_NETWORKS = []
-    real_getaddrinfo = socket.getaddrinfo
+@pytest.fixture
+def rebinding_url(monkeypatch, local_server):
+    """A URL whose name resolves to a public address first (at submission) and to loopback after
+    (when the worker connects), as a DNS-rebinding attacker's name does."""
     answers = iter(["93.184.216.34", "127.0.0.1"])
 
     def rebinding(host, port, *args, **kwargs):
         if host == "rebind.example":
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
-        return real_getaddrinfo(host, port, *args, **kwargs)
+        return REAL_GETADDRINFO(host, port, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
-    url = f"http://rebind.example:{local_server}/hook"
+    return f"http://rebind.example:{local_server}/hook"
+
+
+def test_dns_rebinding_is_caught_at_connect_time(settings, monkeypatch, rebinding_url):
+    """The name resolves to a public address when submitted and to loopback when the worker
+    connects: the connection is refused and the local server never sees a request."""
+    import ipaddress
+
+    settings.CALLBACK_ALLOWED_NETWORKS = []
+    url = rebinding_url
 
     callbacks.check_url(url)  # submission: public, accepted
     result = callbacks.deliver(callbacks.guarded_session(), url, b"key", "msg_x", b"{}")
@@ -131,7 +140,7 @@ def test_dns_rebinding_is_caught_at_connect_time(settings, monkeypatch, local_se
     assert _Recorder.hits == []
     # With loopback allowed, the same delivery goes through: the guard, not the server, refused it.
     settings.CALLBACK_ALLOWED_NETWORKS = [ipaddress.ip_network("127.0.0.1/32")]
-    monkeypatch.setattr(socket, "getaddrinfo", lambda h, p, *a, **k: real_getaddrinfo("127.0.0.1", p, *a, **k))
+    monkeypatch.setattr(socket, "getaddrinfo", lambda h, p, *a, **k: REAL_GETADDRINFO("127.0.0.1", p, *a, **k))
     assert callbacks.deliver(callbacks.guarded_session(), url, b"key", "msg_x", b"{}").status_code == 200
     assert _Recorder.hits == ["/hook"]
 
@@ -276,18 +285,9 @@ def loopback_allowed(settings):
     settings.CALLBACK_ALLOWED_NETWORKS = [ipaddress.ip_network("127.0.0.1/32")]
 
 
-def test_the_async_transport_catches_dns_rebinding_at_connect_time(settings, monkeypatch, local_server):
+def test_the_async_transport_catches_dns_rebinding_at_connect_time(settings, rebinding_url):
     settings.CALLBACK_ALLOWED_NETWORKS = []
-    real_getaddrinfo = socket.getaddrinfo
-    answers = iter(["93.184.216.34", "127.0.0.1"])
-
-    def rebinding(host, port, *args, **kwargs):
-        if host == "rebind.example":
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
-        return real_getaddrinfo(host, port, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
-    url = f"http://rebind.example:{local_server}/hook"
+    url = rebinding_url
     callbacks.check_url(url)  # submission: public, accepted
 
     result = post_async(url)
